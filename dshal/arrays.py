@@ -1,0 +1,215 @@
+"""Array interop: which library and device an argument comes from, and conversions.
+
+"Is this a torch tensor?" never imports torch: libraries are recognised by the module of the
+array's type, and imported only when an array of theirs is already in hand. Conversions are
+zero-copy where the libraries allow it (DLPack, shared host memory); bfloat16 and float8 travel
+as same-sized integer views because numpy's DLPack import does not know them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dshal.capabilities import CPU, device_type_name
+from dshal.dtypes import numpy_dtype
+
+LIBRARIES = ("numpy", "torch", "cupy", "dlpack")
+#: device codes for torch device types DLPack has no code for (documented in docs/backends.md)
+TORCH_DEVICE_TYPES = {"cpu": 1, "cuda": 2, "mps": 8, "xpu": 14, "meta": 1000, "npu": 1001,
+                      "privateuseone": 1002, "hpu": 1003, "mtia": 1004}
+_INT_VIEW = {1: "uint8", 2: "int16"}
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """Library, device, dtype and shape of one array argument."""
+
+    library: str
+    device: tuple[int, int]
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def library_of(x: Any) -> str | None:
+    """``"numpy"``, ``"torch"``, ``"cupy"``, ``"dlpack"`` (any other DLPack producer) or None."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    root = type(x).__module__.partition(".")[0]
+    if root in ("torch", "cupy"):
+        return root
+    if hasattr(x, "__dlpack__") and hasattr(x, "shape"):
+        return "dlpack"
+    return None
+
+
+def _torch_device_code(device) -> tuple[int, int]:
+    import torch
+
+    kind = device.type
+    code = TORCH_DEVICE_TYPES.get(kind, 1002)
+    if kind == "cuda" and torch.version.hip:
+        code = 10
+    return code, device.index or 0
+
+
+def _dtype_str(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.").removeprefix("dtype(").strip("')\"")
+
+
+def inspect(name: str, x: Any) -> ArrayMeta:
+    """Describe array argument ``name``; a non-array raises ``TypeError`` naming it."""
+    lib = library_of(x)
+    if lib is None:
+        raise TypeError(
+            f"{name} must be an array (numpy, torch, cupy or any object with __dlpack__), "
+            f"got {type(x).__name__}"
+        )
+    if lib == "numpy":
+        return ArrayMeta(lib, (CPU, 0), str(x.dtype), tuple(x.shape))
+    if lib == "torch":
+        return ArrayMeta(lib, _torch_device_code(x.device), _dtype_str(x.dtype), tuple(x.shape))
+    dev = x.__dlpack_device__()
+    return ArrayMeta(lib, (int(dev[0]), int(dev[1])), _dtype_str(x.dtype), tuple(x.shape))
+
+
+def common_origin(metas: dict[str, ArrayMeta]) -> tuple[str, tuple[int, int]]:
+    """The one library and device of a call's arrays; mixing raises naming the arguments."""
+    items = list(metas.items())
+    first_name, first = items[0]
+    for name, meta in items[1:]:
+        if meta.library != first.library:
+            raise TypeError(
+                f"arrays of one call must come from one library: {first_name} is "
+                f"{first.library}, {name} is {meta.library}"
+            )
+        if meta.device != first.device:
+            raise ValueError(
+                f"arrays of one call must be on one device: {first_name} is on "
+                f"{device_type_name(first.device[0])}:{first.device[1]}, {name} is on "
+                f"{device_type_name(meta.device[0])}:{meta.device[1]}"
+            )
+    return first.library, first.device
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    name = _dtype_str(t.dtype)
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import torch
+
+        size = t.element_size()
+        raw = t.view(getattr(torch, _INT_VIEW[size])).numpy()
+        return raw.view(numpy_dtype(name))
+    return t.numpy()
+
+
+def _numpy_to_torch(a: np.ndarray):
+    import torch
+
+    if any(s < 0 for s in a.strides):
+        a = np.ascontiguousarray(a)
+    name = str(a.dtype)
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        raw = torch.from_numpy(a.view(_INT_VIEW[a.dtype.itemsize]))
+        return raw.view(getattr(torch, name))
+    return torch.from_numpy(a)
+
+
+def to_kind(x: Any, kind: str) -> Any:
+    """Convert ``x`` to the array type a backend computes on (``array_kind``)."""
+    lib = library_of(x)
+    if lib == kind:
+        return x
+    if kind == "numpy":
+        if lib == "torch":
+            return _torch_to_numpy(x)
+        if lib == "cupy":
+            import cupy
+
+            return cupy.asnumpy(x)
+        return np.from_dlpack(x)
+    if kind == "torch":
+        if lib == "numpy":
+            return _numpy_to_torch(x)
+        import torch
+
+        return torch.from_dlpack(x)
+    if kind == "cupy":
+        import cupy
+
+        if lib == "numpy":
+            return cupy.asarray(x)
+        return cupy.from_dlpack(x)
+    raise ValueError(f"array_kind={kind!r} (allowed: numpy, torch, cupy)")
+
+
+def from_kind(y: Any, library: str, like: Any) -> Any:
+    """Return backend result ``y`` in the caller's ``library`` on the device of ``like``."""
+    if y is None:
+        return None
+    kind = library_of(y)
+    if library == "numpy":
+        return y if kind == "numpy" else to_kind(y, "numpy")
+    if library == "torch":
+        t = to_kind(y, "torch")
+        return t if t.device == like.device else t.to(like.device)
+    if library == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return to_kind(y, "cupy")
+    namespace = getattr(like, "__array_namespace__", None)
+    if namespace is not None:
+        return namespace().from_dlpack(y if kind == "numpy" else to_kind(y, "numpy"))
+    return to_kind(y, "numpy")
+
+
+# --- value checks on backend-kind arrays (numpy, torch, cupy share these method names) -------
+
+
+def all_finite(x: Any) -> bool:
+    """True when no element of ``x`` is NaN or infinite."""
+    lib = library_of(x)
+    if lib == "torch":
+        import torch
+
+        return bool(torch.isfinite(x).all())
+    if lib == "cupy":
+        import cupy
+
+        return bool(cupy.isfinite(x).all())
+    if lib == "dlpack":
+        x = np.from_dlpack(x)
+    if x.size == 0:
+        return True
+    # min/max propagate NaN and expose +-Inf without allocating a mask the size of x
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(np.float64(x.max())) and np.isfinite(np.float64(x.min())))
+
+
+def value_range(x: Any) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer array, or None when it is empty."""
+    if (x.numel() if library_of(x) == "torch" else x.size) == 0:
+        return None
+    return int(x.min()), int(x.max())
+
+
+def cast(x: Any, dtype: str) -> Any:
+    """``x`` as ``dtype`` (no copy when it already is)."""
+    if library_of(x) == "torch":
+        import torch
+
+        return x.to(getattr(torch, dtype))
+    return x.astype(numpy_dtype(dtype), copy=False)

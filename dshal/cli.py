@@ -1,0 +1,189 @@
+"""The ``dshal`` command line: ``info``, ``explain`` and ``certify``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dshal.capabilities import DLPACK_DEVICE_TYPES
+
+ARRAY_ARGS = {
+    "sparse_attention": (("q", "k", "v"), ("indices",)),
+    "gemm": (("a", "b"), ("bias", "a_scale", "b_scale")),
+    "quantize": (("x",), ()),
+    "gated_channels": (("x", "gate_logits"), ("weight", "bias")),
+}
+
+
+def _yes(flag: bool, detail: str = "") -> str:
+    return ("yes" if flag else "no") + (f" ({detail})" if detail else "")
+
+
+def info_rows() -> list[dict[str, Any]]:
+    """One record per installed backend: what ``dshal info`` shows."""
+    from dshal.registry import AVAILABLE, BROKEN, DISABLED, INCOMPATIBLE, NO_DEVICE, registry
+
+    rows = []
+    for name, b in sorted(registry.backends().items()):
+        spec, dev = b.spec, b.device
+        imported = b.status != DISABLED and not (b.status == BROKEN and b.stage == "import")
+        rows.append({
+            "name": name,
+            "distribution": b.distribution,
+            "entry_point": b.entry_point,
+            "status": b.status,
+            "installed": True,
+            "importable": imported if b.status != DISABLED else None,
+            "api_compatible": (spec is not None and b.status != INCOMPATIBLE) if imported
+            else None,
+            "device_found": b.status == AVAILABLE if b.status in (AVAILABLE, NO_DEVICE)
+            else None,
+            "device": dev.name if dev else "",
+            "driver": dev.driver if dev else "",
+            "version": spec.version if spec else "",
+            "priority": spec.priority if spec else None,
+            "ops": {op: sorted(cap.dtypes) for op, cap in spec.capabilities.items()}
+            if spec else {},
+            "error": b.unavailable_reason() if b.status != AVAILABLE else "",
+        })
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rows = info_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else "[green]yes[/]" if v is True else "[red]no[/]" if v is False \
+            else str(v)
+
+    table = Table(title="dshal backends")
+    for col in ("backend", "version", "installed", "importable", "API", "device found",
+                "device", "ops: dtypes"):
+        table.add_column(col)
+    for r in rows:
+        ops = "\n".join(f"{op}: {', '.join(d)}" for op, d in r["ops"].items())
+        table.add_row(r["name"], r["version"], cell(r["installed"]), cell(r["importable"]),
+                      cell(r["api_compatible"]), cell(r["device_found"]), r["device"], ops)
+    console = Console()
+    console.print(table)
+    for r in rows:
+        if r["error"]:
+            console.print(f"[bold]{r['name']}[/]: {r['error']}", highlight=False)
+    if not rows:
+        console.print("no backend installed (expected at least the built-in 'numpy')")
+        return 1
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_device(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    kind, _, index = text.partition(":")
+    codes = {v: k for k, v in DLPACK_DEVICE_TYPES.items()}
+    if kind not in codes:
+        raise SystemExit(f"--device {text!r}: unknown device type (known: {', '.join(codes)})")
+    return codes[kind], int(index or 0)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import dshal
+    from dshal.dtypes import numpy_dtype
+
+    positional, keyword = ARRAY_ARGS[args.op]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in args.shape:
+        name, _, dims = item.partition("=")
+        shapes[name] = tuple(int(d) for d in dims.split(",") if d.strip()) if dims else ()
+    dtypes = {"*": "float32"}
+    for item in args.dtype:
+        name, sep, dt = item.partition("=")
+        dtypes.update({name: dt} if sep else {"*": name})
+    missing = [n for n in positional if n not in shapes]
+    if missing:
+        raise SystemExit(f"explain {args.op}: give --shape for {', '.join(missing)} "
+                         f"(e.g. --shape {missing[0]}=1,8,128,64)")
+
+    def array(name: str) -> Any:
+        default = "int64" if name == "indices" else dtypes["*"]
+        return np.broadcast_to(np.zeros((), numpy_dtype(dtypes.get(name, default))), shapes[name])
+
+    call_args = [array(n) for n in positional]
+    kwargs = {n: array(n) for n in keyword if n in shapes}
+    for item in args.option:
+        name, _, value = item.partition("=")
+        kwargs[name] = _parse_value(value)
+    print(dshal.explain(args.op, *call_args, backend=args.backend,
+                        device=_parse_device(args.device), **kwargs))
+    return 0
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    try:
+        from dshal_conformance.cli import run_certify
+    except ImportError as exc:
+        print(f"the conformance suite is not installed: {exc}", file=sys.stderr)
+        return 2
+    return run_certify(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dshal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="installed backends: status, devices, ops and dtypes")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    ex = sub.add_parser("explain", help="which backend would run a call, and why not the others")
+    ex.add_argument("op", choices=sorted(ARRAY_ARGS))
+    ex.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    ex.add_argument("--dtype", action="append", default=[], metavar="[NAME=]DTYPE")
+    ex.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
+                    help="operator keyword argument, e.g. top_k=8, causal=true")
+    ex.add_argument("--backend", help="force a backend")
+    ex.add_argument("--device", help="pretend the inputs are on DEVICE[:ID], e.g. cuda:0")
+    ex.set_defaults(func=cmd_explain)
+    cert = sub.add_parser("certify", help="certify backends against the float64 reference")
+    cert.add_argument("backends", nargs="*", help="backends to certify (default: all usable)")
+    depth = cert.add_mutually_exclusive_group()
+    depth.add_argument("--quick", action="store_true", help="fewer cases (about 2 minutes)")
+    depth.add_argument("--full", action="store_true", help="every case (the default)")
+    cert.add_argument("--out", default="certificates", help="directory for certificates")
+    cert.add_argument("--seed", type=int, default=0)
+    cert.add_argument("--device", default=None, help="device id passed to the backend")
+    cert.add_argument("--verify", metavar="FILE.json", help="check a certificate's digest")
+    cert.set_defaults(func=cmd_certify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dshal`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
