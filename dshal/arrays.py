@@ -8,8 +8,7 @@ as same-sized integer views because numpy's DLPack import does not know them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,11 +20,11 @@ LIBRARIES = ("numpy", "torch", "cupy", "dlpack")
 TORCH_DEVICE_TYPES = {"cpu": 1, "cuda": 2, "mps": 8, "xpu": 14, "meta": 1000, "npu": 1001,
                       "privateuseone": 1002, "hpu": 1003, "mtia": 1004}
 _INT_VIEW = {1: "uint8", 2: "int16"}
+_HOST = (CPU, 0)
 
 
-@dataclass(frozen=True)
-class ArrayMeta:
-    """Library, device, dtype and shape of one array argument."""
+class ArrayMeta(NamedTuple):
+    """Library, device, dtype and shape of one array argument (hashable: part of cache keys)."""
 
     library: str
     device: tuple[int, int]
@@ -59,8 +58,17 @@ def _torch_device_code(device) -> tuple[int, int]:
     return code, device.index or 0
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def _dtype_str(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.").removeprefix("dtype(").strip("')\"")
+    """Canonical name of a numpy/torch/cupy dtype (memoised: ``str(np.dtype)`` costs µs)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        name = str(dtype).removeprefix("torch.").removeprefix("dtype(").strip("')\"")
+        _DTYPE_NAMES[dtype] = name
+        return name
 
 
 def inspect(name: str, x: Any) -> ArrayMeta:
@@ -72,7 +80,7 @@ def inspect(name: str, x: Any) -> ArrayMeta:
             f"got {type(x).__name__}"
         )
     if lib == "numpy":
-        return ArrayMeta(lib, (CPU, 0), str(x.dtype), tuple(x.shape))
+        return ArrayMeta(lib, _HOST, _dtype_str(x.dtype), x.shape)
     if lib == "torch":
         return ArrayMeta(lib, _torch_device_code(x.device), _dtype_str(x.dtype), tuple(x.shape))
     dev = x.__dlpack_device__()
@@ -120,7 +128,7 @@ def _numpy_to_torch(a: np.ndarray):
 
     if any(s < 0 for s in a.strides):
         a = np.ascontiguousarray(a)
-    name = str(a.dtype)
+    name = _dtype_str(a.dtype)
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         raw = torch.from_numpy(a.view(_INT_VIEW[a.dtype.itemsize]))
         return raw.view(getattr(torch, name))

@@ -90,10 +90,10 @@ def _forced_choice(backend: str | None) -> tuple[str | None, str]:
 def decide(sig: Signature, backend: str | None = None) -> Decision:
     """Select the backend for ``sig`` (cached); never raises for refusals, see ``Decision``."""
     name, source = _forced_choice(backend)
-    key = (sig, name, _policy(), registry.generation)
+    key = (sig, name, source, _policy(), registry.generation)
     found = _cache.get(key)
     if found is None:
-        found = _decide(sig, name, source, key[2])
+        found = _decide(sig, name, source, key[3])
         if len(_cache) > 4096:
             _cache.clear()
         _cache[key] = found
@@ -111,7 +111,7 @@ def _decide(sig: Signature, name: str | None, source: str, policy: str) -> Decis
                             f"(installed: {known})", unknown=True)
         others = tuple((n, r) for n, r in refusals.items() if n != name)
         if refusals[name]:
-            return Decision(None, source, ((name, refusals[name]),) + others,
+            return Decision(None, source, ((name, refusals[name]), *others),
                             f"backend {name!r} ({source}) cannot take this call")
         return Decision(name, source, others)
     ranked = sorted(backends.values(), key=lambda b: -(b.spec.priority if b.spec else 0))
