@@ -86,11 +86,17 @@ def _converter(kind: str, arrs: Arrays) -> Callable[[str], Any]:
     return get
 
 
+#: the arguments whose dtypes a capability table speaks for (indices, scales and biases are
+#: converted by dshal or the backend and are not part of a declaration)
+DATA_ARGS = {"sparse_attention": ("q", "k", "v"), "quantize": ("x",), "gemm": ("a", "b"),
+             "gated_channels": ("x", "gate_logits")}
+
+
 def _sig(op: str, metas: dict[str, ArrayMeta], features: frozenset[str],
          precision: str | None, sizes: tuple[tuple[str, int], ...]) -> Signature:
     first = next(iter(metas.values()))
-    return Signature(op, first.library, first.device,
-                     tuple((n, m.dtype) for n, m in metas.items()), features, precision, sizes)
+    dtypes = tuple((n, metas[n].dtype) for n in DATA_ARGS[op])
+    return Signature(op, first.library, first.device, dtypes, features, precision, sizes)
 
 
 # --- sparse_attention -------------------------------------------------------------------------
