@@ -53,28 +53,43 @@ def info_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _console():
+    """A rich console; wide when the output is not a terminal (logs, pipes, CI)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     rows = info_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     def cell(v: Any) -> str:
         return "-" if v is None else "[green]yes[/]" if v is True else "[red]no[/]" if v is False \
             else str(v)
 
-    table = Table(title="dshal backends")
+    console = _console()
+    status = Table(title="dshal backends")
     for col in ("backend", "version", "installed", "importable", "API", "device found",
-                "device", "ops: dtypes"):
-        table.add_column(col)
+                "device", "driver"):
+        status.add_column(col)
     for r in rows:
-        ops = "\n".join(f"{op}: {', '.join(d)}" for op, d in r["ops"].items())
-        table.add_row(r["name"], r["version"], cell(r["installed"]), cell(r["importable"]),
-                      cell(r["api_compatible"]), cell(r["device_found"]), r["device"], ops)
-    console = Console()
-    console.print(table)
+        status.add_row(r["name"], r["version"], cell(r["installed"]), cell(r["importable"]),
+                       cell(r["api_compatible"]), cell(r["device_found"]), r["device"],
+                       r["driver"])
+    console.print(status)
+    caps = Table(title="operators and dtypes")
+    for col in ("backend", "op", "dtypes"):
+        caps.add_column(col)
+    for r in rows:
+        for op, dtypes in r["ops"].items():
+            caps.add_row(r["name"], op, ", ".join(dtypes))
+    if caps.row_count:
+        console.print(caps)
     for r in rows:
         if r["error"]:
             console.print(f"[bold]{r['name']}[/]: {r['error']}", highlight=False)
