@@ -23,7 +23,7 @@ test: venv lint
 
 certify: venv
 	$(VENV)/bin/dshal info
-	$(PY) -m dshal.demo
+	$(VENV)/bin/dshal certify
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache certificates

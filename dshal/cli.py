@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--out", default="certificates", help="directory for certificates")
     cert.add_argument("--seed", type=int, default=0)
     cert.add_argument("--device", default=None, help="device id passed to the backend")
+    cert.add_argument("--case", action="append", metavar="ID",
+                      help="run only this case (repeatable; reproduces a reported failure, "
+                           "writes no certificate)")
     cert.add_argument("--verify", metavar="FILE.json", help="check a certificate's digest")
     cert.set_defaults(func=cmd_certify)
     return parser

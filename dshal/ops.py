@@ -13,11 +13,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dshal import arrays, dispatch
+from dshal.capabilities import Signature
 from dshal.plans import PLANNERS, Plan
 from dshal.registry import Backend, registry
 from dshal.validate import check_bool, check_choice
 
-__all__ = ["backends", "explain", "gated_channels", "gemm", "quantize", "sparse_attention"]
+__all__ = ["backends", "explain", "gated_channels", "gemm", "quantize", "signature",
+           "sparse_attention"]
 
 _PLANS: dict[tuple, Plan] = {}
 _MAX_PLANS = 4096
@@ -223,12 +225,24 @@ def explain(op: str, *args: Any, backend: str | None = None,
     :param device: pretend the inputs live on this ``(dlpack_device_type, id)`` (used by the
         ``dshal explain`` command line to ask about devices it has no arrays for).
     """
+    sig = signature(op, *args, **kwargs)
+    sig = sig if device is None else replace(sig, device=device)
+    decision = dispatch.decide(sig, backend)
+    return Explanation(decision.backend, decision.source,
+                       {n: list(r) for n, r in decision.reasons}, decision.explain(sig))
+
+
+def signature(op: str, *args: Any, **kwargs: Any) -> Signature:
+    """The dispatch :class:`~dshal.capabilities.Signature` of ``dshal.ops.<op>(*args,
+    **kwargs)``: the arguments are validated as the call would validate them (array values
+    excepted); nothing runs. The conformance suite compares it with a backend's declaration.
+    """
     op = check_choice("op", op, tuple(_ARRAY_ARGS))
     if op == "quantize" and len(args) > 1:
         kwargs["precision"], args = args[1], args[:1]
     names = _ARRAY_ARGS[op]
     if len(args) > _POSITIONAL[op]:
-        raise TypeError(f"explain({op!r}, ...) takes {_POSITIONAL[op]} positional arrays")
+        raise TypeError(f"{op}() takes {_POSITIONAL[op]} positional arrays")
     arrs = dict(zip(names, args))
     arrs.update({n: kwargs.pop(n) for n in names if n in kwargs})
     kwargs.pop("return_info", None)
@@ -236,10 +250,7 @@ def explain(op: str, *args: Any, backend: str | None = None,
         for name in ("a_scale", "b_scale"):
             arrs[name], kwargs[name] = _split_scale(arrs.get(name))
     plan, _ = _plan(op, arrs, kwargs)
-    sig = plan.sig if device is None else replace(plan.sig, device=device)
-    decision = dispatch.decide(sig, backend)
-    return Explanation(decision.backend, decision.source,
-                       {n: list(r) for n, r in decision.reasons}, decision.explain(sig))
+    return plan.sig
 
 
 def backends() -> dict[str, Backend]:

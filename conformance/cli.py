@@ -1,0 +1,131 @@
+"""``dshal certify``: certify backends and write their certificates, or verify one.
+
+Called by :func:`dshal.cli.cmd_certify` with the parsed arguments: ``backends``, ``quick``,
+``full``, ``out``, ``seed``, ``device``, ``case`` and ``verify``. Exit status: 0 when every
+certification passed (or the verified certificate is intact), 1 on any failure, 2 on a usage
+error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dshal_conformance import certificate, determinism
+from dshal_conformance.report import SUMMARY_HEADER, failure_lines, summary_rows
+from dshal_conformance.runner import CaseResult, Runner
+
+
+def _usable() -> list[str]:
+    from dshal.registry import registry
+
+    return sorted(n for n, b in registry.backends().items() if b.available)
+
+
+def _device(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(str(text).rpartition(":")[2])
+    except ValueError:
+        raise ValueError(f"--device {text!r}: give a device index, e.g. 0 or cuda:1") from None
+
+
+def verify_file(path: str, console: Console) -> int:
+    """``dshal certify --verify FILE.json``."""
+    try:
+        cert = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        console.print(f"cannot read {path}: {exc}")
+        return 2
+    problems = certificate.verify(cert)
+    for p in problems:
+        console.print(f"[red]{p}[/]", highlight=False)
+    if problems:
+        return 1
+    from dshal_conformance import manifest_sha256
+
+    suite = cert["suite"]
+    same = suite["manifest_sha256"] == manifest_sha256()
+    console.print(f"{path}: intact (sha256 {cert['digest']['value']}); {cert['backend']['name']} "
+                  f"verdict {cert['verdict']}; suite {suite['version']} "
+                  f"({'the installed suite' if same else 'not the installed suite'})",
+                  highlight=False)
+    return 0
+
+
+def _run(runner: Runner, ids: list[str] | None, console: Console) -> list[CaseResult]:
+    cases = runner.cases()
+    if ids:
+        known = {c.id: c for c in cases}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise ValueError(f"unknown case id(s) {missing} for {runner.name} in "
+                             f"{runner.mode} mode (ids look like {cases[-1].id})")
+        cases = [known[i] for i in ids]
+    columns = (TextColumn("[bold]{task.fields[backend]}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(cases), backend=runner.name)
+
+        def advance(res: CaseResult) -> None:
+            progress.update(task, advance=1, description=res.case.id)
+
+        return runner.run(cases, on_result=advance)
+
+
+def _print_summary(cert: dict, console: Console) -> None:
+    table = Table(title=f"{cert['backend']['name']}: {cert['verdict'].upper()}")
+    for col in SUMMARY_HEADER:
+        table.add_column(col, justify="left" if col in ("op", "dtype") else "right")
+    for row in summary_rows(cert):
+        table.add_row(*row)
+    console.print(table)
+    for line in failure_lines(cert):
+        console.print(f"[red]FAIL[/] {line}", highlight=False)
+
+
+def certify(name: str, args: argparse.Namespace, console: Console) -> int:
+    """Certify one backend; 0 when it passes."""
+    mode = "quick" if args.quick else "full"
+    runner = Runner(name, seed=args.seed, mode=mode, device=_device(args.device))
+    start = time.perf_counter()
+    ids = getattr(args, "case", None)
+    results = _run(runner, ids, console)
+    det = {"class": "not measured (--case)", "per_op": {}, "mismatches": [], "problems": []} \
+        if ids else determinism.measure(runner, results)
+    cert = certificate.build(runner, results, det, time.perf_counter() - start)
+    _print_summary(cert, console)
+    if ids:
+        for rec in cert["cases"]:
+            console.print_json(json.dumps(rec))
+    else:
+        paths = certificate.write(cert, Path(args.out))
+        console.print(f"certificate: {paths[0]} and {paths[1]} "
+                      f"({cert['summary']['seconds']} s)", highlight=False)
+    return 0 if cert["verdict"] == "pass" else 1
+
+
+def run_certify(args: argparse.Namespace) -> int:
+    """Entry point of ``dshal certify``."""
+    console = Console()
+    if args.verify:
+        return verify_file(args.verify, console)
+    names = list(args.backends) or _usable()
+    if not names:
+        console.print("no usable backend to certify (see dshal info)")
+        return 1
+    status = 0
+    for name in names:
+        try:
+            status = max(status, certify(name, args, console))
+        except ValueError as exc:  # unknown backend, unusable backend, unknown case id
+            console.print(f"[red]{name}[/]: {exc}", highlight=False)
+            status = max(status, 1)
+    return status

@@ -1,0 +1,555 @@
+"""Block-sparse attention on the CPU: selected key blocks plus a banded sliding window.
+
+No Lq x Lk matrix is ever formed when ``top_k``/``indices`` or ``window`` restrict the keys
+(MoBA-style). The queries of each (batch, kv head) are cut into ranges, the units of work; per
+range:
+
+1. **Selection** (``top_k``): the ``n x n_blocks`` matrix of scores
+   ``scale * (sum of the group's query heads) . mean(key block)`` (block means in float64,
+   the product in the compute dtype: float32, or float64 for float64 inputs), the candidates
+   (other blocks whose keys are all visible), a per-row top-k by a sort and a threshold (ties to
+   the lower block index, non-finite scores last), plus the forced own block.
+2. **Band pass**: the sliding window (or dense attention when nothing is selected) over query
+   tiles: a tile of T queries (all g heads of the group stacked) against the keys any of them
+   may see, ``T x (T + window - 1)`` for a causal window, in key chunks for dense rows.
+3. **Block pass**: for each key block, the queries that selected it are gathered and scored
+   against the block with one BLAS call; keys the band pass covered (the window) or that are
+   not visible are masked only in the few rows where the block is partial, so no key is counted
+   twice.
+
+Both passes fold their products into per-query state with an online softmax in float32
+(float64 for float64 inputs), in base 2 (``exp2`` is 2.5x faster than ``exp`` in numpy), that
+rescales lazily: scores are shifted by a per-row reference (initially the score of the query's
+own position, a key the query is allowed), carried as an extra query column against a column
+of ones on the keys so the shift costs no pass, and the values carry a column of ones so the
+softmax denominator comes out of the same BLAS call. A row is rescaled to its true max only when
+a product's exp-sum leaves (0, 2**32] or is NaN.
+
+Masked scores become -inf through ``np.where`` (or an added -inf bias when the keys involved are
+finite) and non-finite values of masked keys are kept out of the products explicitly, so
+NaN/Inf outside a query's allowed set never reach its output.
+
+Threads: BLAS is held to one thread during a call (``threadpoolctl``), and large calls run their
+units on a pool of Python threads, one per CPU or ``DSHAL_NUM_THREADS`` (numpy releases the GIL
+in its loops and in BLAS). Without ``threadpoolctl`` everything runs on the calling thread with
+the BLAS as configured. Results do not depend on which thread runs a unit: reruns are bitwise
+equal.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numpy as np
+
+from dshal.calls import AttentionCall
+
+#: query rows (queries x heads of the group) per unit of work: bounds the per-unit state
+#: (about 260 bytes per row for Dv = 64) and is the grain of threading
+_RANGE = 32768
+#: rows (query x head) per BLAS product in the block pass
+_BLOCK_ROWS = 2048
+#: queries per window-band tile, times sqrt(g): balances per-tile overhead (~40 us) against the
+#: tile's wasted scores (a tile of T queries computes T + window - 1 keys for each)
+_WINDOW_TILE = 96
+#: rows and keys per dense product (query tile x key chunk)
+_DENSE_ROWS, _DENSE_KEYS = 512, 512
+#: query rows per selection-score tile
+_SELECT_ROWS = 2048
+#: an exp-sum of one product above this means the row's softmax reference must be raised
+_LIMIT = 2.0**32
+#: below this many score elements (B * Hq * Lq * Lk) a call runs on the calling thread
+_THREADING_MIN = 1 << 22
+
+NEG_INF = -np.inf
+_LOG2E, _LN2 = float(np.log2(np.e)), float(np.log(2.0))
+#: a fraction times a count this little above an integer counts as that integer
+FRACTION_SLACK = 1e-9
+
+
+def sparse_attention(call: AttentionCall) -> tuple[np.ndarray, np.ndarray | None,
+                                                   np.ndarray | None]:
+    """Run ``sparse_attention`` (DESIGN 3.1) on numpy arrays; returns ``(out, indices, lse)``."""
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cdt = np.dtype(np.float64 if q.dtype == np.float64 else np.float32)
+    out = np.zeros((B, Hq, Lq, Dv), q.dtype)
+    lse = np.full((B, Hq, Lq), NEG_INF, np.float32) if call.return_lse else None
+    picked: dict[tuple[int, int, int], np.ndarray] = {}
+    threads = _workers() if B * Hq * Lq * Lk >= _THREADING_MIN else 1
+    g = Hq // Hkv if Hkv else 1
+    parts = max(-(-Lq * g // _RANGE), -(-threads // max(1, B * Hkv)))
+    step = max(1, -(-Lq // parts))
+    units = [(b, t, qa, min(Lq, qa + step))
+             for b in range(B) for t in range(Hkv) for qa in range(0, Lq, step)]
+    cache = _KVCache(call, cdt, units)
+
+    def work(unit: tuple[int, int, int, int]) -> None:
+        with np.errstate(all="ignore"):  # NaN/Inf inputs are legal; they must not warn
+            _unit(call, unit, cache, out, lse, picked, cdt)
+
+    _parallel(work, units, threads)
+    indices = _pad_indices(picked, B, Hkv, Lq) if call.return_indices else None
+    return out, indices, lse
+
+
+# --- units of work and threads ----------------------------------------------------------------
+
+
+def _workers() -> int:
+    """Threads to use: ``DSHAL_NUM_THREADS`` or the CPUs this process may run on."""
+    env = os.environ.get("DSHAL_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_CONTROLLER: Any = None
+
+
+def _blas_single_threaded() -> AbstractContextManager | None:
+    """A context holding BLAS to one thread while it is open (threadpoolctl), or None when
+    that is impossible (threadpoolctl missing, or no BLAS it knows).
+
+    The products here are many and small. A multithreaded BLAS gains little on them, and its
+    workers, put to sleep between calls while numpy runs the elementwise work, can cost
+    milliseconds per call to wake (measured: a 0.4 s call now and then took 5-10 s). Called
+    from several Python threads at once it also oversubscribes the cores. So BLAS runs single
+    threaded, and the cores are used by running units of work on parallel Python threads.
+    """
+    global _CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    with _POOL_LOCK:
+        if _CONTROLLER is None:
+            _CONTROLLER = ThreadpoolController()
+        controller = _CONTROLLER
+    if not controller.select(user_api="blas").lib_controllers:
+        return None
+    return controller.limit(limits=1, user_api="blas")
+
+
+def _parallel(fn, units: list, threads: int) -> None:
+    """Run ``fn`` on every unit, on a pool of ``threads`` when BLAS can be held to one thread
+    meanwhile (else in order: a multithreaded BLAS called from several threads is slower)."""
+    global _POOL
+    limit = _blas_single_threaded()
+    with limit or nullcontext():
+        if limit is None or threads <= 1 or len(units) <= 1:
+            for unit in units:
+                fn(unit)
+            return
+        with _POOL_LOCK:
+            if _POOL is None or _POOL._max_workers < threads:
+                if _POOL is not None:
+                    _POOL.shutdown(wait=False)
+                _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dshal-numpy")
+            pool = _POOL
+        for _ in pool.map(fn, units):
+            pass
+
+
+class _KV:
+    """Keys and values of one (batch, kv head), prepared once for all its query ranges."""
+
+    def __init__(self, call: AttentionCall, b: int, t: int, cdt: np.dtype) -> None:
+        k, v = call.k[b, t], call.v[b, t]
+        self.lk, d = k.shape
+        self.n_blocks = -(-self.lk // call.block_size)
+        self.kx = np.empty((self.lk, d + 1), cdt)  # [keys | 1]: the column meets -reference
+        self.kx[:, :d] = k
+        self.kx[:, d] = 1
+        self.kbad = np.concatenate(([0], np.cumsum(~np.isfinite(self.kx).all(axis=1))))
+        self.vt = np.asarray(v, dtype=cdt)
+        self.vbad = ~np.isfinite(self.vt).all(axis=1)
+        self.vx = np.ones((self.lk, v.shape[1] + 1), cdt)  # [values | 1], non-finite zeroed
+        self.vx[:, :-1] = np.where(self.vbad[:, None], 0, self.vt) if self.vbad.any() else v
+        # scale * block means, transposed, for the selection scores (in the compute dtype)
+        self.kmean_t = (_block_means(k, call.block_size) * call.scale).T.astype(cdt) \
+            if call.top_k is not None else None
+
+
+class _KVCache:
+    """Builds each (batch, kv head)'s :class:`_KV` on first use, drops it after its last unit."""
+
+    def __init__(self, call: AttentionCall, cdt: np.dtype, units: list) -> None:
+        self._call, self._cdt = call, cdt
+        self._left = Counter((b, t) for b, t, _, _ in units)
+        self._built: dict[tuple[int, int], _KV] = {}
+        self._lock = threading.Lock()
+
+    def get(self, b: int, t: int) -> _KV:
+        with self._lock:
+            kv = self._built.get((b, t))
+            if kv is None:
+                kv = self._built[b, t] = _KV(self._call, b, t, self._cdt)
+            return kv
+
+    def done(self, b: int, t: int) -> None:
+        with self._lock:
+            self._left[b, t] -= 1
+            if not self._left[b, t]:
+                self._built.pop((b, t), None)
+
+
+def _unit(call: AttentionCall, unit: tuple[int, int, int, int], cache: _KVCache,
+          out: np.ndarray, lse: np.ndarray | None,
+          picked: dict[tuple[int, int, int], np.ndarray], cdt: np.dtype) -> None:
+    """Queries [qa, qz) of (batch b, kv head t): selection, attention, results in place."""
+    b, t, qa, qz = unit
+    Hq, Lq = call.q.shape[1], call.q.shape[2]
+    g = Hq // call.k.shape[1]
+    heads = slice(t * g, (t + 1) * g)
+    kv = cache.get(b, t)
+    try:
+        off = kv.lk - Lq + qa  # key position of query qa
+        sel = None
+        if call.top_k is not None or call.indices is not None:
+            sel = _selection(call, b, t, qa, qz, kv)
+            if call.return_indices:
+                picked[b, t, qa] = _compact(sel)
+        if kv.lk == 0 or g == 0:
+            return
+        head = _Head(call, call.q[b, heads, qa:qz], kv, off, cdt)
+        head.run(sel)
+        # rows with nothing allowed give 0 / -inf; rows whose allowed scores are all -inf
+        # give NaN, as the softmax itself does
+        empty = ~_has_keys(call, sel, qz - qa, off, kv.lk)
+        den = head.acc[..., -1:]
+        view = out[b, heads, qa:qz].transpose(1, 0, 2)
+        np.divide(head.acc[..., :-1], den, out=view, casting="unsafe")
+        view[empty] = 0
+        if lse is not None:
+            row_lse = (head.m + np.log2(den[..., 0])) * _LN2
+            row_lse[den[..., 0] == 0] = np.nan  # allowed keys, all scoring -inf (as out)
+            row_lse[empty] = NEG_INF
+            lse[b, heads, qa:qz] = row_lse.T
+    finally:
+        cache.done(b, t)
+
+
+def _has_keys(call: AttentionCall, sel: np.ndarray | None, n: int, off: int, lk: int
+              ) -> np.ndarray:
+    """bool [n]: the query at position off + i has at least one allowed key."""
+    p = np.arange(n) + off
+    w = call.window
+    if sel is None and not w:
+        return p >= 0 if call.causal else np.full(n, lk > 0)
+    res = (p >= 0) if call.causal else (p + w - 1 >= 0)
+    res &= w > 0
+    if sel is not None:
+        if call.causal:
+            first = np.where(sel.any(axis=1), sel.argmax(axis=1), sel.shape[1])
+            res |= first * call.block_size <= p
+        else:
+            res |= sel.any(axis=1)
+    return res
+
+
+# --- selection --------------------------------------------------------------------------------
+
+
+def _block_means(kt: np.ndarray, bs: int) -> np.ndarray:
+    """Mean key of every block, float64 [n_blocks, D]."""
+    lk, d = kt.shape
+    full = lk // bs
+    parts = [np.zeros((0, d))]
+    if full:
+        parts.append(kt[: full * bs].reshape(full, bs, d).mean(axis=1, dtype=np.float64))
+    if lk % bs:
+        parts.append(kt[full * bs:].mean(axis=0, dtype=np.float64)[None])
+    return np.concatenate(parts)
+
+
+def _selection(call: AttentionCall, b: int, t: int, qa: int, qz: int, kv: _KV) -> np.ndarray:
+    """Blocks attended through selection by queries [qa, qz), bool [n, n_blocks] (the forced
+    own block included)."""
+    nb = kv.n_blocks
+    sel = np.zeros((qz - qa, nb), bool)
+    if call.indices is not None:
+        idx = np.asarray(call.indices[b, t, qa:qz])
+        rows, cols = np.nonzero(idx >= 0)
+        sel[rows, idx[rows, cols]] = True
+        return sel
+    if nb == 0:
+        return sel
+    bs, off = call.block_size, kv.lk - call.q.shape[2]
+    g = call.q.shape[1] // call.k.shape[1]
+    for i0 in range(qa, qz, _SELECT_ROWS):
+        i1 = min(qz, i0 + _SELECT_ROWS)
+        p = np.arange(i0, i1) + off
+        own = np.where(p >= 0, p // bs, -1)
+        qsum = call.q[b, t * g:(t + 1) * g, i0:i1].sum(axis=0, dtype=kv.kmean_t.dtype)
+        part = sel[i0 - qa:i1 - qa]
+        _top(qsum @ kv.kmean_t, own, call.causal, call.top_k, part)
+        rows = np.nonzero(own >= 0)[0]
+        part[rows, own[rows]] = True
+    return sel
+
+
+def _top(score: np.ndarray, own: np.ndarray, causal: bool, top_k: int | float,
+         out: np.ndarray) -> None:
+    """Mark in ``out`` each row's ``top_k`` best candidates: descending score, ties to the lower
+    block, non-finite scores after finite ones. Candidates: blocks before the own block
+    (causal; none when it is -1), or every block but the own one. ``score`` is overwritten."""
+    n, nb = score.shape
+    if causal:
+        n_cand = np.maximum(own, 0)
+    else:
+        n_cand = np.where(own >= 0, nb - 1, nb)
+    want = resolve_count(top_k, n_cand)
+    kmax = int(want.max(initial=0))
+    if kmax == 0:
+        return
+    key = np.negative(score, out=score)  # ascending key = descending score
+    if not np.isfinite(key).all():
+        key[~np.isfinite(key)] = np.inf  # ranks after every finite score
+    if causal:  # non-candidates sort last (NaN)
+        np.copyto(key, np.nan, where=np.arange(nb)[None, :] >= own[:, None])
+    else:
+        rows = np.nonzero(own >= 0)[0]
+        key[rows, own[rows]] = np.nan
+    best = np.sort(key, axis=1)  # a sort beats np.partition here (NaN handling)
+    rows = np.nonzero(want > 0)[0]
+    thr = np.full(n, -np.inf, key.dtype)
+    thr[rows] = best[rows, want[rows] - 1]
+    # every candidate strictly better than the threshold is in; equals fill the rest in order
+    chosen = key < thr[:, None]
+    tie = key == thr[:, None]
+    need = want - chosen.sum(axis=1)
+    over = np.nonzero(tie.sum(axis=1) > need)[0]
+    if over.size:
+        tie[over] &= np.cumsum(tie[over], axis=1) <= need[over, None]
+    out |= chosen
+    out |= tie
+
+
+def resolve_count(spec: int | float, n: np.ndarray) -> np.ndarray:
+    """How many of ``n`` items ``top_k``/``keep`` asks for: an int count clipped to ``n``, or
+    ``ceil(f * n)`` (a product within 1e-9 above an integer counts as that integer), at least
+    1 when ``n > 0``."""
+    n = np.asarray(n, dtype=np.int64)
+    if isinstance(spec, float):
+        k = np.ceil(spec * n - FRACTION_SLACK)
+        return np.clip(k, np.minimum(n, 1), n).astype(np.int64)
+    return np.minimum(n, int(spec))
+
+
+def _compact(sel: np.ndarray) -> np.ndarray:
+    """Selected block numbers per row, ascending, -1 padded: int64 [Lq, max count]."""
+    rows, cols = np.nonzero(sel)
+    counts = np.bincount(rows, minlength=sel.shape[0])
+    n = int(counts.max()) if counts.size else 0
+    res = np.full((sel.shape[0], n), -1, np.int64)
+    starts = np.cumsum(counts) - counts
+    res[rows, np.arange(rows.size) - starts[rows]] = cols
+    return res
+
+
+def _pad_indices(picked: dict[tuple[int, int, int], np.ndarray], B: int, H: int, lq: int
+                 ) -> np.ndarray:
+    """The selections of every unit of work, -1 padded to the widest: [B, H, Lq, n]."""
+    n = max((x.shape[1] for x in picked.values()), default=0)
+    res = np.full((B, H, lq, n), -1, np.int64)
+    for (b, t, qa), x in picked.items():
+        res[b, t, qa:qa + x.shape[0], : x.shape[1]] = x
+    return res
+
+
+# --- attention passes -------------------------------------------------------------------------
+
+
+class _Head:
+    """Attention of one query range of one (batch, kv head), and its online-softmax state.
+
+    ``qx`` [n, g, D + 1] holds the scaled queries and, in the last column, minus the row's
+    reference, so ``qx @ kx.T`` gives shifted scores. ``acc`` [n, g, Dv + 1] holds the sums of
+    ``exp(score - reference) * [v | 1]``. ``m`` [n, g] is the reference: -inf while unset (the
+    column is then 0), otherwise a score the row is allowed, never above the row's true max.
+    """
+
+    def __init__(self, call: AttentionCall, q: np.ndarray, kv: _KV, off: int, cdt: np.dtype
+                 ) -> None:
+        g, n, d = q.shape
+        self.call, self.kv, self.off, self.g = call, kv, off, g
+        self.qx = np.empty((n, g, d + 1), cdt)  # scores in log2 units: exp2 is the fast exp
+        np.multiply(q.transpose(1, 0, 2), call.scale * _LOG2E, out=self.qx[..., :d], dtype=cdt)
+        self.qx[..., d] = 0
+        self.m = np.full((n, g), NEG_INF, cdt)
+        self.acc = np.zeros((n, g, kv.vx.shape[1]), cdt)
+        self.rows = np.arange(n)
+
+    def run(self, sel: np.ndarray | None) -> None:
+        """Both passes, leaving the sums in ``acc`` and the references in ``m``."""
+        w = self.call.window
+        self._init_reference(sel if w == 0 and self.call.indices is not None else None)
+        if sel is None or w > 0:
+            _band_pass(self, w, dense=sel is None and w == 0)
+        if sel is not None:
+            _block_pass(self, sel)
+
+    def _init_reference(self, sel: np.ndarray | None) -> None:
+        """Reference = the score of each query's own position: a key every query may see with
+        a window, dense attention or top_k (own block forced); with ``indices`` alone
+        (``sel``), only the queries whose own block is selected."""
+        a = max(0, -self.off)
+        z = max(a, min(self.rows.size, self.kv.lk - self.off))
+        q, k = self.qx[a:z, :, :-1], self.kv.kx[a + self.off:z + self.off, :-1]
+        diag = np.matmul(q, k[:, :, None])[..., 0]
+        ok = np.isfinite(diag)
+        if sel is not None:
+            ok &= sel[np.arange(a, z), (np.arange(a, z) + self.off) // self.call.block_size
+                      ][:, None]
+        self.m[a:z] = np.where(ok, diag, NEG_INF)
+        self.qx[a:z, :, -1] = np.where(ok, -diag, 0)
+
+    def merge(self, rows: Any, s: np.ndarray, j0: int, j1: int, mask: np.ndarray | None
+              ) -> None:
+        """Fold shifted scores ``s`` [n*g, j1-j0] (masked with -inf) of queries ``rows``.
+
+        ``mask`` [n, j1-j0] (True = allowed) is needed only to keep non-finite values of masked
+        keys out of the products; ``None`` means every unmasked key is allowed.
+        """
+        g = self.g
+        mref = self.m[rows].reshape(-1)
+        p = np.exp2(s)
+        pv = self._pv(p, j0, j1, mask)
+        bad = np.nonzero(~(pv[:, -1] <= _LIMIT) | (mref == NEG_INF))[0]
+        if bad.size:  # unset or too low a reference (or NaN): rescale to the true max
+            m_old = mref[bad]
+            sb = s[bad] + np.where(m_old == NEG_INF, 0, m_old)[:, None]
+            m_new = np.maximum(m_old, sb.max(axis=1))
+            m_safe = np.where(m_new == NEG_INF, 0, m_new)
+            sb -= m_safe[:, None]
+            np.exp2(sb, out=sb)
+            pv[bad] = self._pv(sb, j0, j1, None if mask is None else mask[bad // g])
+            qi, hi = self.rows[rows][bad // g], bad % g
+            self.acc[qi, hi] *= np.exp2(m_old - m_safe)[:, None]
+            self.m[qi, hi] = m_new
+            self.qx[qi, hi, -1] = -m_safe
+        self.acc[rows] += pv.reshape(-1, g, pv.shape[1])
+
+    def _pv(self, p: np.ndarray, j0: int, j1: int, mask: np.ndarray | None) -> np.ndarray:
+        """``p @ [v | 1]`` where non-finite values reach only the rows allowed to see them."""
+        kv = self.kv
+        bad = kv.vbad[j0:j1]
+        if not bad.any():
+            return p @ kv.vx[j0:j1]
+        if mask is None:  # every key allowed: NaN/Inf values belong in the product
+            vx = kv.vx[j0:j1].copy()
+            vx[:, :-1] = kv.vt[j0:j1]
+            return p @ vx
+        pv = p @ kv.vx[j0:j1]
+        rowmask = np.repeat(mask, p.shape[0] // mask.shape[0], axis=0)
+        for j in np.nonzero(bad)[0]:
+            pv[:, :-1] += np.where(rowmask[:, j, None], p[:, j, None] * kv.vt[j0 + j], 0)
+        return pv
+
+
+def _band_pass(head: _Head, w: int, dense: bool) -> None:
+    """Window (or dense) attention by query tiles: keys visible and |p - j| < w (any if dense)."""
+    qx, kv, causal = head.qx, head.kv, head.call.causal
+    n, g, d1 = qx.shape
+    lk = kv.lk
+    if dense:
+        tile, kchunk = max(1, min(n, _DENSE_ROWS // g)), _DENSE_KEYS
+    else:
+        tile, kchunk = max(1, min(n, max(8, int(_WINDOW_TILE / g**0.5)))), lk
+    masks: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        p0, p1 = i0 + head.off, i1 - 1 + head.off
+        lo = 0 if dense else max(0, p0 - w + 1)
+        hi = min(lk, p1 + 1) if causal else lk if dense else min(lk, p1 + w)
+        qt = qx[i0:i1].reshape(-1, d1)
+        for j0 in range(lo, hi, kchunk):
+            j1 = min(hi, j0 + kchunk)
+            s = qt @ kv.kx[j0:j1].T
+            mask = None
+            if not dense or (causal and j1 - 1 > p0):
+                key = (i1 - i0, j0 - p0, j1 - p0)  # interior tiles share one pattern
+                if key not in masks:
+                    mask = _band_mask(p0, i1 - i0, j0, j1, 0 if dense else w, causal)
+                    masks[key] = mask, np.repeat(np.where(mask, 0, NEG_INF), g, axis=0
+                                                 ).astype(s.dtype)
+                mask, bias = masks[key]
+                if kv.kbad[j1] - kv.kbad[j0]:  # non-finite keys: never add to them
+                    s = np.where(bias == 0, s, NEG_INF)
+                else:
+                    s += bias
+            head.merge(slice(i0, i1), s, j0, j1, mask)
+
+
+def _band_mask(p0: int, n: int, j0: int, j1: int, w: int, causal: bool) -> np.ndarray:
+    """bool [n, j1 - j0]: key j allowed for query position p0 + r (window w; 0 = no window)."""
+    d = np.arange(p0, p0 + n)[:, None] - np.arange(j0, j1)[None, :]
+    mask = (d < w) & (d > -w) if w else np.ones(d.shape, bool)
+    if causal:
+        mask &= d >= 0
+    return mask
+
+
+def _block_pass(head: _Head, sel: np.ndarray) -> None:
+    """Selected blocks: per block, the queries that chose it, minus keys the band pass covered."""
+    qx, kv, call = head.qx, head.kv, head.call
+    g, d1 = qx.shape[1], qx.shape[2]
+    bs, w, causal = call.block_size, call.window, call.causal
+    qi, blk = np.nonzero(sel)  # by query; regroup by block (a radix sort for small ints)
+    order = np.argsort(blk.astype(np.int16 if sel.shape[1] < 2**15 else np.int64),
+                       kind="stable")
+    qi, blk = qi[order], blk[order]
+    bounds = np.searchsorted(blk, np.arange(sel.shape[1] + 1))
+    per = max(1, _BLOCK_ROWS // g)
+    for c in range(sel.shape[1]):
+        a, z = bounds[c], bounds[c + 1]
+        if a == z:
+            continue
+        c0, c1 = c * bs, min(kv.lk, (c + 1) * bs)
+        rows = qi[a:z]
+        p = rows + head.off
+        # this pass's keys in the block: j <= p - w (causal; w = 0: j <= p), or for non-causal
+        # windows j <= p - w or j >= p + w; all of them when neither restricts
+        if causal:
+            hi = p - w if w else p
+            full, empty = hi >= c1 - 1, hi < c0
+        elif w:
+            full = (p - w >= c1 - 1) | (p + w <= c0)
+            empty = (p - w < c0) & (p + w > c1 - 1)
+        else:
+            full = empty = None
+        if empty is not None and empty.any():
+            keep = ~empty
+            rows, p, full = rows[keep], p[keep], full[keep]
+        kb = kv.kx[c0:c1].T
+        j = np.arange(c0, c1)
+        bad_values = kv.vbad[c0:c1].any()
+        for r0 in range(0, rows.size, per):
+            rr = rows[r0:r0 + per]
+            s = qx[rr].reshape(-1, d1) @ kb
+            mask = None
+            part = np.nonzero(~full[r0:r0 + per])[0] if full is not None else ()
+            if len(part):  # the few rows where the block meets the window or the diagonal
+                pp = p[r0:r0 + per][part, None]
+                if causal:
+                    allowed = j[None, :] <= (pp - w if w else pp)
+                else:
+                    allowed = (j[None, :] <= pp - w) | (j[None, :] >= pp + w)
+                s3 = s.reshape(rr.size, g, -1)
+                s3[part] = np.where(allowed[:, None, :], s3[part], NEG_INF)
+                if bad_values:  # the full mask keeps masked NaN/Inf values out
+                    mask = np.ones((rr.size, c1 - c0), bool)
+                    mask[part] = allowed
+            head.merge(rr, s, c0, c1, mask)

@@ -1,0 +1,121 @@
+"""The ``numpy`` backend plugin: declaration, device probe and the four run hooks.
+
+Entry point: ``numpy = "dshal.backends.numpy.plugin"`` in the group ``dshal.backends``. It serves
+host (DLPack CPU) arrays, computes on numpy arrays and is the host fallback of dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
+from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability
+from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANT_DTYPES
+from dshal.hookspec import hookimpl
+
+NAME = "numpy"
+
+
+def _version() -> str:
+    try:
+        from dshal import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover - dshal always has one
+        return "0.1.0"
+
+
+@hookimpl
+def dshal_backend_declare() -> BackendSpec:
+    """Every operator, every feature, float16..float64 (plus fp8/int8 gemm inputs)."""
+    floats = frozenset(FLOAT_DTYPES)
+
+    def cap(op: str, dtypes=floats, precisions=(), auto_order=()) -> OpCapability:
+        return OpCapability(dtypes=dtypes, features=FEATURES[op], precisions=precisions,
+                            auto_order=auto_order, deterministic=True)
+
+    return BackendSpec(
+        name=NAME,
+        version=_version(),
+        plugin_api=(1, 1),
+        device_types=frozenset({CPU}),
+        array_kind="numpy",
+        priority=0,
+        capabilities={
+            "sparse_attention": cap("sparse_attention"),
+            # fp32 alone for auto: emulated low precision is not faster on a CPU
+            "gemm": cap("gemm", floats | frozenset(QUANT_DTYPES), PRECISIONS, ("fp32",)),
+            "quantize": cap("quantize", precisions=PRECISIONS),
+            "gated_channels": cap("gated_channels"),
+        },
+        description="built-in CPU backend on numpy and its BLAS",
+    )
+
+
+def _blas() -> str:
+    try:
+        import numpy as np
+
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return f"{blas.get('name', 'unknown')} {blas.get('version', '')}".strip()
+    except Exception:  # older numpy, or a build without the information
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@hookimpl
+def dshal_device_probe() -> DeviceInfo:
+    """The host CPU is always there."""
+    import numpy as np
+
+    cores = os.cpu_count() or 1
+    name = f"cpu ({platform.machine() or 'unknown'}, {cores} cores)"
+    try:
+        import threadpoolctl  # noqa: F401
+
+        threads = "one per CPU or DSHAL_NUM_THREADS (BLAS held to one thread meanwhile)"
+    except ImportError:
+        threads = "one (install threadpoolctl to use every CPU)"
+    return DeviceInfo(present=True, name=name, driver=f"numpy {np.__version__}, BLAS: {_blas()}",
+                      details={"processor": _cpu_model(), "attention threads": threads})
+
+
+@hookimpl
+def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
+    from dshal.backends.numpy.attention import sparse_attention
+
+    return sparse_attention(call)
+
+
+@hookimpl
+def dshal_quantize_run(call: QuantizeCall) -> tuple[Any, Any]:
+    from dshal.backends.numpy.gemm import quantize
+
+    return quantize(call)
+
+
+@hookimpl
+def dshal_gemm_run(call: GemmCall) -> Any:
+    from dshal.backends.numpy.gemm import gemm
+
+    return gemm(call)
+
+
+@hookimpl
+def dshal_gated_channels_run(call: GatedCall) -> tuple[Any, Any]:
+    from dshal.backends.numpy.gating import gated_channels
+
+    return gated_channels(call)

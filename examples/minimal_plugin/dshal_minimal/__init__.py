@@ -1,0 +1,1 @@
+"""dshal-minimal: an example dshal backend plugin (see docs/backends.md)."""

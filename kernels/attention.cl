@@ -1,0 +1,207 @@
+/* sparse_attention: block selection, then attention with an online softmax (DESIGN 3.1).
+ *
+ * Selection (top_k): attn_block_means (mean key per block), attn_scores (per query: the g query
+ * heads of its kv head summed, dotted with every block mean, times scale: an Lq x n_blocks
+ * matrix, never Lq x Lk), attn_topk (per query: the forced own block plus the top `want`
+ * candidates, descending score, ties to the lower block, non-finite scores last). Or
+ * attn_idx_mask from the caller's indices. The selection is a byte mask [B*Hkv, Lq, n_blocks];
+ * attn_compact turns it into sorted, -1 padded block indices.
+ *
+ * attn_fwd: one work-item per (query, kv head, tile of HPW query heads). It walks the query's
+ * allowed keys only, window first, then each selected block minus the window, so no key
+ * counts twice and keys outside the allowed set are never loaded (NaN/Inf there cannot leak).
+ * Each key is loaded once for the HPW heads that share it (GQA); softmax state per head in
+ * float32 registers.
+ *
+ * Defines (dshal_kernels.AttentionDefines): D, DV head dims (>= 1); HPW heads per work-item;
+ * X_T, X_LOAD, X_STORE the dtype of q, k, v, out; HAS_SEL 1 when a selection mask is used.
+ */
+#include "inc_vendor.h"
+
+/* mean key of block (GLOBAL_ID(0)) of (batch, kv head) GLOBAL_ID(1) -> kmean [BH, nb, D] */
+KERNEL void attn_block_means(GLOBAL const X_T* RESTRICT k, GLOBAL float* RESTRICT kmean,
+                             int BH, int Lk, int nb, int bs) {
+    int blk = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (blk >= nb || bh >= BH) return;
+    int j0 = blk * bs, j1 = MIN(Lk, j0 + bs);
+    GLOBAL const X_T* kb = k + (i64)bh * Lk * D;
+    for (int d = 0; d < D; d++) {
+        float s = 0.0f;
+        for (int j = j0; j < j1; j++) s += X_LOAD(kb[(i64)j * D + d]);
+        kmean[((i64)bh * nb + blk) * D + d] = s / (float)(j1 - j0);
+    }
+}
+
+/* scores [BH, Lq, nb] of query GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1) */
+KERNEL void attn_scores(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT kmean,
+                        GLOBAL float* RESTRICT scores, int BH, int Hkv, int g, int Lq, int nb,
+                        float scale) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    float qs[D];
+    for (int d = 0; d < D; d++) qs[d] = 0.0f;
+    /* query heads t*g .. t*g+g-1 of batch b are rows (bh*g + h) of q viewed as [B*Hq, Lq, D] */
+    for (int h = 0; h < g; h++) {
+        GLOBAL const X_T* qr = q + (((i64)bh * g + h) * Lq + i) * D;
+        for (int d = 0; d < D; d++) qs[d] += X_LOAD(qr[d]);
+    }
+    GLOBAL float* out = scores + ((i64)bh * Lq + i) * nb;
+    for (int b = 0; b < nb; b++) {
+        GLOBAL const float* km = kmean + ((i64)bh * nb + b) * D;
+        float s = 0.0f;
+        for (int d = 0; d < D; d++) s += qs[d] * km[d];
+        out[b] = s * scale;
+    }
+}
+
+/* block a ranks before block b: finite scores first, descending; ties to the lower index */
+DEVICE int ranks_before(float sa, int a, float sb, int b) {
+    int fa = ISFINITE(sa), fb = ISFINITE(sb);
+    if (fa != fb) return fa;
+    if (!fa) return a < b;
+    return sa > sb || (sa == sb && a < b);
+}
+
+/* the selection mask row of query GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1); want[n] is
+ * how many of n candidates top_k takes (the host applies the count/fraction rule) */
+KERNEL void attn_topk(GLOBAL const float* RESTRICT scores, GLOBAL const int* RESTRICT want,
+                      GLOBAL uchar* RESTRICT mask, int BH, int Lq, int Lk, int nb, int bs,
+                      int causal) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    int p = i + Lk - Lq;
+    int own = (p >= 0 && p < Lk) ? p / bs : -1;
+    /* candidates: every block but the own one, or with causal the blocks before it */
+    int hi = causal ? MAX(own, 0) : nb;
+    int ncand = causal ? hi : (own >= 0 ? nb - 1 : nb);
+    int take = want[ncand];
+    GLOBAL const float* s = scores + ((i64)bh * Lq + i) * nb;
+    GLOBAL uchar* m = mask + ((i64)bh * Lq + i) * nb;
+    for (int b = 0; b < nb; b++) m[b] = 0;
+    if (take > ncand - take) { /* take all, then drop the ncand - take last-ranked */
+        for (int b = 0; b < hi; b++) m[b] = (uchar)(b != own);
+        for (int it = take; it < ncand; it++) {
+            int worst = -1;
+            for (int b = 0; b < hi; b++)
+                if (m[b] && (worst < 0 || ranks_before(s[worst], worst, s[b], b))) worst = b;
+            m[worst] = 0;
+        }
+    } else {
+        for (int it = 0; it < take; it++) {
+            int best = -1;
+            for (int b = 0; b < hi; b++)
+                if (b != own && !m[b] && (best < 0 || ranks_before(s[b], b, s[best], best)))
+                    best = b;
+            m[best] = 1;
+        }
+    }
+    if (own >= 0) m[own] = 1;
+}
+
+/* the caller's block indices [BH, Lq, n] (-1 ignored, duplicates once) -> mask row */
+KERNEL void attn_idx_mask(GLOBAL const int* RESTRICT idx, GLOBAL uchar* RESTRICT mask, int BH,
+                          int Lq, int n, int nb) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    GLOBAL uchar* m = mask + ((i64)bh * Lq + i) * nb;
+    GLOBAL const int* r = idx + ((i64)bh * Lq + i) * n;
+    for (int b = 0; b < nb; b++) m[b] = 0;
+    for (int e = 0; e < n; e++)
+        if (r[e] >= 0) m[r[e]] = 1;
+}
+
+/* mask row -> selected blocks ascending, -1 padded to width */
+KERNEL void attn_compact(GLOBAL const uchar* RESTRICT mask, GLOBAL int* RESTRICT out, int BH,
+                         int Lq, int nb, int width) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    GLOBAL const uchar* m = mask + ((i64)bh * Lq + i) * nb;
+    GLOBAL int* o = out + ((i64)bh * Lq + i) * width;
+    int c = 0;
+    for (int b = 0; b < nb && c < width; b++)
+        if (m[b]) o[c++] = b;
+    for (; c < width; c++) o[c] = -1;
+}
+
+typedef struct {
+    float q[HPW][D], acc[HPW][DV], m[HPW], l[HPW];
+    int seen;
+} attn_state;
+
+/* fold keys [j0, j1) of one (batch, kv head) into the state */
+DEVICE void attend(attn_state* st, GLOBAL const X_T* RESTRICT kb, GLOBAL const X_T* RESTRICT vb,
+                   int j0, int j1, float scale) {
+    for (int j = j0; j < j1; j++) {
+        float kr[D], vr[DV];
+        for (int d = 0; d < D; d++) kr[d] = X_LOAD(kb[(i64)j * D + d]);
+        for (int e = 0; e < DV; e++) vr[e] = X_LOAD(vb[(i64)j * DV + e]);
+        for (int h = 0; h < HPW; h++) {
+            float s = 0.0f;
+            for (int d = 0; d < D; d++) s += st->q[h][d] * kr[d];
+            s *= scale;
+            float m = st->m[h];
+            float mn = s > m ? s : m; /* a NaN score keeps m, and poisons l below */
+            float corr = mn == m ? 1.0f : EXPF(m - mn);
+            float p = s == -DSHAL_INF ? 0.0f : EXPF(s - mn);
+            st->m[h] = mn;
+            st->l[h] = st->l[h] * corr + p;
+            for (int e = 0; e < DV; e++) st->acc[h][e] = st->acc[h][e] * corr + p * vr[e];
+        }
+    }
+    st->seen += MAX(j1 - j0, 0);
+}
+
+/* out [B, Hq, Lq, DV], lse [B, Hq, Lq] for query GLOBAL_ID(0) and head tile GLOBAL_ID(1) of
+ * (batch b, kv head t): heads t*g + tile*HPW .. + HPW */
+KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
+                     GLOBAL const X_T* RESTRICT v, GLOBAL const uchar* RESTRICT mask,
+                     GLOBAL X_T* RESTRICT out, GLOBAL float* RESTRICT lse, int write_lse,
+                     int BH, int g, int Lq, int Lk, int nb, int bs, int window, int causal,
+                     float scale) {
+    int i = GLOBAL_ID(0), tile = GLOBAL_ID(1);
+    int tiles = g / HPW, bh = tile / tiles;
+    if (i >= Lq || bh >= BH) return;
+    int h0 = bh * g + (tile % tiles) * HPW; /* row of q viewed as [B*Hq, Lq, D] */
+    GLOBAL const X_T* kb = k + (i64)bh * Lk * D;
+    GLOBAL const X_T* vb = v + (i64)bh * Lk * DV;
+    attn_state st;
+    for (int h = 0; h < HPW; h++) {
+        GLOBAL const X_T* qr = q + ((i64)(h0 + h) * Lq + i) * D;
+        for (int d = 0; d < D; d++) st.q[h][d] = X_LOAD(qr[d]);
+        for (int e = 0; e < DV; e++) st.acc[h][e] = 0.0f;
+        st.m[h] = -DSHAL_INF;
+        st.l[h] = 0.0f;
+    }
+    st.seen = 0;
+    int p = i + Lk - Lq;
+    int vis = causal ? MIN(p + 1, Lk) : Lk; /* keys [0, vis) are visible */
+    int w0 = 0, w1 = 0;                      /* the window's keys [w0, w1) */
+    if (window > 0) {
+        w0 = MAX(0, p - window + 1);
+        w1 = MAX(w0, MIN(vis, p + window));
+    } else if (!HAS_SEL) {
+        w1 = MAX(vis, 0); /* dense */
+    }
+    attend(&st, kb, vb, w0, w1, scale);
+#if HAS_SEL
+    GLOBAL const uchar* m = mask + ((i64)bh * Lq + i) * nb;
+    for (int b = 0; b < nb; b++) {
+        if (!m[b]) continue;
+        int j0 = b * bs, j1 = MIN(vis, j0 + bs);
+        attend(&st, kb, vb, j0, MIN(j1, w0), scale);
+        attend(&st, kb, vb, MAX(j0, w1), j1, scale);
+    }
+#endif
+    for (int h = 0; h < HPW; h++) {
+        i64 row = (i64)(h0 + h) * Lq + i;
+        float l = st.l[h];
+        for (int e = 0; e < DV; e++)
+            out[row * DV + e] = X_STORE(st.seen ? st.acc[h][e] / l : 0.0f);
+        if (write_lse) {
+            float r = st.m[h] + LOGF(l);
+            if (!st.seen) r = -DSHAL_INF;
+            else if (l == 0.0f) r = AS_FLOAT(0x7fc00000u); /* every allowed score was -inf */
+            lse[row] = r;
+        }
+    }
+}
