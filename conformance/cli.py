@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dshal.cli import console as wide_console
 from dshal_conformance import certificate, determinism
 from dshal_conformance.report import SUMMARY_HEADER, failure_lines, summary_rows
 from dshal_conformance.runner import CaseResult, Runner
@@ -114,7 +115,7 @@ def certify(name: str, args: argparse.Namespace, console: Console) -> int:
 
 def run_certify(args: argparse.Namespace) -> int:
     """Entry point of ``dshal certify``."""
-    console = Console()
+    console = wide_console()
     if args.verify:
         return verify_file(args.verify, console)
     names = list(args.backends) or _usable()

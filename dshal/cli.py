@@ -53,12 +53,12 @@ def info_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def _console():
+def console():
     """A rich console; wide when the output is not a terminal (logs, pipes, CI)."""
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+    term = Console()
+    return term if term.is_terminal else Console(width=160)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -72,7 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return "-" if v is None else "[green]yes[/]" if v is True else "[red]no[/]" if v is False \
             else str(v)
 
-    console = _console()
+    out = console()
     status = Table(title="dshal backends")
     for col in ("backend", "version", "installed", "importable", "API", "device found",
                 "device", "driver"):
@@ -81,7 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         status.add_row(r["name"], r["version"], cell(r["installed"]), cell(r["importable"]),
                        cell(r["api_compatible"]), cell(r["device_found"]), r["device"],
                        r["driver"])
-    console.print(status)
+    out.print(status)
     caps = Table(title="operators and dtypes")
     for col in ("backend", "op", "dtypes"):
         caps.add_column(col)
@@ -89,12 +89,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         for op, dtypes in r["ops"].items():
             caps.add_row(r["name"], op, ", ".join(dtypes))
     if caps.row_count:
-        console.print(caps)
+        out.print(caps)
     for r in rows:
         if r["error"]:
-            console.print(f"[bold]{r['name']}[/]: {r['error']}", highlight=False)
+            out.print(f"[bold]{r['name']}[/]: {r['error']}", highlight=False)
     if not rows:
-        console.print("no backend installed (expected at least the built-in 'numpy')")
+        out.print("no backend installed (expected at least the built-in 'numpy')")
         return 1
     return 0
 
