@@ -109,6 +109,8 @@ def plugins(tmp_path, monkeypatch):
     monkeypatch.delenv("DSHAL_PLUGINS", raising=False)
     with installed(tmp_path, PLUGINS, ENTRY_POINTS):
         yield registry.backends()
+    monkeypatch.undo()
+    dispatch.clear_cache()
 
 
 def _gates(c=8, dtype=np.float32):
@@ -184,6 +186,7 @@ def test_selection_order(plugins, monkeypatch):
     x, g = _gates()
     assert dshal.explain("gated_channels", x, g).source == "automatic"
     monkeypatch.setenv("DSHAL_BACKEND", "numpy")
+    dispatch.clear_cache()
     assert dshal.explain("gated_channels", x, g).backend == "numpy"
     assert dshal.explain("gated_channels", x, g).source == "DSHAL_BACKEND"
     with dshal.use_backend("picky"):
@@ -210,12 +213,23 @@ def _remote_sig():
                      "float32")), frozenset({"hard"}), None, (("channels", 8),))
 
 
+def test_environment_is_read_once_until_clear_cache(plugins, monkeypatch):
+    x, g = _gates()
+    assert dshal.explain("gated_channels", x, g).backend == "picky"
+    monkeypatch.setenv("DSHAL_BACKEND", "numpy")
+    assert dshal.explain("gated_channels", x, g).backend == "picky"
+    dispatch.clear_cache()
+    assert dshal.explain("gated_channels", x, g).backend == "numpy"
+
+
 def test_fallback_policy(plugins, monkeypatch):
     sig = _remote_sig()
     monkeypatch.setenv("DSHAL_FALLBACK", "error")
+    dispatch.clear_cache()
     with pytest.raises(dshal.NoBackendError, match="no backend accepts"):
         dispatch.select(sig)
     monkeypatch.setenv("DSHAL_FALLBACK", "warn")
+    dispatch.clear_cache()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         b, decision = dispatch.select(sig)
@@ -223,10 +237,12 @@ def test_fallback_policy(plugins, monkeypatch):
     assert (b.name, decision.fallback) == ("numpy", True)
     assert len([w for w in seen if issubclass(w.category, dispatch.FallbackWarning)]) == 1
     monkeypatch.setenv("DSHAL_FALLBACK", "allow")
+    dispatch.clear_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.select(sig)[0].name == "numpy"
     monkeypatch.setenv("DSHAL_FALLBACK", "sometimes")
+    dispatch.clear_cache()
     with pytest.raises(ValueError, match="DSHAL_FALLBACK"):
         dispatch.select(sig)
 

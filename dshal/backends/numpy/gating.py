@@ -27,8 +27,7 @@ def open_mask(logits: np.ndarray, mode: str, threshold: float, keep: int | float
     if mode == "soft":
         return np.ones(logits.shape, bool)
     if keep is None:
-        with np.errstate(invalid="ignore"):
-            return logits > threshold
+        return logits > threshold  # comparisons with NaN are False and raise no warning
     c = logits.shape[-1]
     take = int(resolve_count(keep, c))
     mask = np.zeros(logits.shape, bool)
@@ -42,16 +41,18 @@ def gated_channels(call: GatedCall) -> tuple[np.ndarray, np.ndarray | None]:
     """Run ``gated_channels``: ``(y, mask)``, y in x's dtype."""
     x = np.asarray(call.x)
     cdt = np.float64 if x.dtype == np.float64 else np.float32
-    z = np.asarray(call.gate_logits).astype(cdt)
+    z = np.asarray(call.gate_logits).astype(cdt, copy=False)
     mask = open_mask(z, call.mode, call.threshold, call.keep)
     gate = None if call.mode == "hard" else sigmoid(z)
+    if call.weight is None and gate is None:  # the common hard gate: one select, no arithmetic
+        y = np.where(mask, x, x.dtype.type(0))
+        return y, (mask if call.return_mask else None)
     with np.errstate(all="ignore"):
         if call.weight is None:
-            xs = x.astype(cdt)
-            pre = xs if gate is None else xs * gate
-            y = np.where(mask, pre, 0)
+            y = np.where(mask, x.astype(cdt, copy=False) * gate, 0)
         else:
-            y = _weighted(x.astype(cdt), np.asarray(call.weight), call.bias, mask, gate, cdt)
+            y = _weighted(x.astype(cdt, copy=False), np.asarray(call.weight), call.bias, mask,
+                          gate, cdt)
     return y.astype(x.dtype, copy=False), (mask if call.return_mask else None)
 
 

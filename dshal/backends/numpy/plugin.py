@@ -10,6 +10,7 @@ import os
 import platform
 from typing import Any
 
+from dshal.backends.numpy import attention, gating, gemm
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability
 from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANT_DTYPES
@@ -95,27 +96,19 @@ def dshal_device_probe() -> DeviceInfo:
 
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
-    from dshal.backends.numpy.attention import sparse_attention
-
-    return sparse_attention(call)
+    return attention.sparse_attention(call)
 
 
 @hookimpl
 def dshal_quantize_run(call: QuantizeCall) -> tuple[Any, Any]:
-    from dshal.backends.numpy.gemm import quantize
-
-    return quantize(call)
+    return gemm.quantize(call)
 
 
 @hookimpl
 def dshal_gemm_run(call: GemmCall) -> Any:
-    from dshal.backends.numpy.gemm import gemm
-
-    return gemm(call)
+    return gemm.gemm(call)
 
 
 @hookimpl
 def dshal_gated_channels_run(call: GatedCall) -> tuple[Any, Any]:
-    from dshal.backends.numpy.gating import gated_channels
-
-    return gated_channels(call)
+    return gating.gated_channels(call)
