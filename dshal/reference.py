@@ -404,7 +404,7 @@ def _to_float32(x: Any) -> np.ndarray:
 
 def _tf32(x32: np.ndarray) -> np.ndarray:
     """float32 -> float32 whose mantissa is rounded to 10 bits, nearest even (TF32)."""
-    bits = np.ascontiguousarray(x32, dtype=np.float32).view(np.uint32)
+    bits = np.array(x32, dtype=np.float32, order="C").view(np.uint32)  # keeps 0-d as 0-d
     lsb = (bits >> np.uint32(13)) & np.uint32(1)
     rounded = (bits + np.uint32(0x0FFF) + lsb) & np.uint32(0xFFFFE000)
     # NaN/Inf are kept; a carry out of the largest finite values correctly gives +-inf

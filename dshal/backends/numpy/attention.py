@@ -314,11 +314,15 @@ def _top(score: np.ndarray, own: np.ndarray, causal: bool, top_k: int | float,
     kmax = int(want.max(initial=0))
     if kmax == 0:
         return
+    if causal:  # only blocks before the last row's own block can be candidates
+        cols = int(own.max()) if own.size else 0
+        score, out = score[:, :cols], out[:, :cols]
     key = np.negative(score, out=score)  # ascending key = descending score
     if not np.isfinite(key).all():
         key[~np.isfinite(key)] = np.inf  # ranks after every finite score
-    if causal:  # non-candidates sort last (NaN)
-        np.copyto(key, np.nan, where=np.arange(nb)[None, :] >= own[:, None])
+    if causal:  # non-candidates sort last (NaN): the blocks from each row's own block on
+        lo = max(0, int(own.min()))
+        np.copyto(key[:, lo:], np.nan, where=np.arange(lo, key.shape[1])[None, :] >= own[:, None])
     else:
         rows = np.nonzero(own >= 0)[0]
         key[rows, own[rows]] = np.nan
@@ -507,13 +511,14 @@ def _block_pass(head: _Head, sel: np.ndarray) -> None:
     qx, kv, call = head.qx, head.kv, head.call
     g, d1 = qx.shape[1], qx.shape[2]
     bs, w, causal = call.block_size, call.window, call.causal
-    qi, blk = np.nonzero(sel)  # by query; regroup by block (a radix sort for small ints)
-    order = np.argsort(blk.astype(np.int16 if sel.shape[1] < 2**15 else np.int64),
-                       kind="stable")
-    qi, blk = qi[order], blk[order]
-    bounds = np.searchsorted(blk, np.arange(sel.shape[1] + 1))
+    nb = sel.shape[1]
+    flat = np.flatnonzero(sel)  # by query; regroup by block (a radix sort for small ints)
+    blk = (flat % nb).astype(np.int16 if nb < 2**15 else np.int64)
+    order = np.argsort(blk, kind="stable")
+    qi, blk = flat[order] // nb, blk[order]
+    bounds = np.searchsorted(blk, np.arange(nb + 1))
     per = max(1, _BLOCK_ROWS // g)
-    for c in range(sel.shape[1]):
+    for c in range(nb):
         a, z = bounds[c], bounds[c + 1]
         if a == z:
             continue
