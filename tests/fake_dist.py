@@ -31,14 +31,23 @@ def installed(root: Path, modules: Mapping[str, str], entry_points: Mapping[str,
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.0\n")
     lines = "".join(f"{n} = {target}\n" for n, target in entry_points.items())
     (info / "entry_points.txt").write_text("[dshal.backends]\n" + lines)
+    with on_sys_path(root, tuple(modules)):
+        yield root
+
+
+@contextlib.contextmanager
+def on_sys_path(root: Path, module_prefixes: tuple[str, ...]) -> Iterator[Path]:
+    """Put ``root`` (holding modules and dist-infos) on ``sys.path`` for the block, with the
+    plugin registry rediscovering; modules starting with ``module_prefixes`` are forgotten
+    afterwards."""
     sys.path.insert(0, str(root))
     _refresh()
     try:
         yield root
     finally:
         sys.path.remove(str(root))
-        for name in modules:
-            sys.modules.pop(name, None)
+        for name in [m for m in sys.modules if m.startswith(module_prefixes)]:
+            del sys.modules[name]
         _refresh()
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from dshal.registry import registry
 from dshal_conformance.runner import FAIL, NOT_SUPPORTED, PASS, Runner
-from tests.fake_dist import _refresh
+from tests.fake_dist import on_sys_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -91,15 +91,8 @@ def minimal_plugin(tmp_path: Path):
     done = _run([*PIP, "install", "--no-deps", "--no-build-isolation", "--target", str(site),
                  str(src)], tmp_path)
     assert done.returncode == 0, done.stderr
-    sys.path.insert(0, str(site))
-    _refresh()
-    try:
+    with on_sys_path(site, ("dshal_minimal",)):
         yield site
-    finally:
-        sys.path.remove(str(site))
-        for name in [m for m in sys.modules if m.startswith("dshal_minimal")]:
-            del sys.modules[name]
-        _refresh()
 
 
 def test_example_plugin_installs_and_passes_certification(minimal_plugin: Path,
