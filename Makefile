@@ -1,29 +1,47 @@
 # make certify: set up .venv and certify every backend usable on this machine.
-# make test:    set up .venv and run the whole test suite (what CI runs).
+# make test:    set up .venv and run the whole test suite (what CI runs), kernels-check included.
+# make kernels-check: compile every kernel for OpenCL (PoCL), CUDA sm_80/sm_90 (NVRTC) and HIP
+#               gfx90a (hipcc, installed with apt-get when missing); fails on any error.
+# make bench:   set up .venv, time dshal and its peers side by side, print one table per
+#               operator; each run's JSON is saved under .benchmarks/ (named by commit) for
+#               `pytest-benchmark compare`, the last one also as .benchmarks/latest.json.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dshal-installed
 
-.PHONY: venv test certify lint bench clean
+.PHONY: venv test certify lint bench clean kernels-check
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml requirements-dev.txt backends/opencl/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps \
+		-e backends/opencl
 	touch $(STAMP)
 
 lint: venv
 	$(PY) -m ruff check .
 
-test: venv lint
+kernels-check: venv
+	@command -v hipcc >/dev/null || (apt-get update -qq && apt-get install -y -qq hipcc) \
+		|| echo "kernels-check: hipcc is missing and could not be installed (apt-get install -y hipcc): the HIP target will FAIL" >&2
+	$(PY) -m dshal_kernels.check
+
+test: venv lint kernels-check
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+bench: venv
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks -q -p no:randomly --benchmark-only \
+		--benchmark-columns=median,min,rounds --benchmark-autosave \
+		--benchmark-json=.benchmarks/latest.json
 
 certify: venv
 	$(VENV)/bin/dshal info
 	$(VENV)/bin/dshal certify
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache certificates
+	rm -rf $(VENV) build *.egg-info .pytest_cache certificates .benchmarks

@@ -49,6 +49,7 @@ def info_rows() -> list[dict[str, Any]]:
             "ops": {op: sorted(cap.dtypes) for op, cap in spec.capabilities.items()}
             if spec else {},
             "error": b.unavailable_reason() if b.status != AVAILABLE else "",
+            "details": dict(dev.details) if dev else {},
         })
     return rows
 
@@ -90,6 +91,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             caps.add_row(r["name"], op, ", ".join(dtypes))
     if caps.row_count:
         out.print(caps)
+    for r in rows:  # what each probe found (an OpenCL backend lists every platform/device)
+        if r["details"]:
+            out.print(f"[bold]{r['name']}[/] device details:", highlight=False)
+            for key, value in r["details"].items():
+                out.print(f"  {key}: {value}", highlight=False, markup=False)
     for r in rows:
         if r["error"]:
             out.print(f"[bold]{r['name']}[/]: {r['error']}", highlight=False)

@@ -72,11 +72,13 @@ def _dtype_fields(prefix: str, dtype: str, store: bool = True) -> dict[str, str]
 
 @dataclass(frozen=True)
 class AttentionDefines(Defines):
-    """``attention.cl``: head dims, heads per work-item, the dtype of q/k/v/out, selection."""
+    """``attention.cl``: head dims, heads per work-item, keys per chunk, the dtype of
+    q/k/v/out, selection."""
 
     D: int = 64
     DV: int = 64
     HPW: int = 1
+    KC: int = 16
     X_T: str = "float"
     X_LOAD: str = "dshal_ld_f32"
     X_STORE: str = "dshal_st_f32"
@@ -179,7 +181,8 @@ class Target:
 #: source file stem -> (define record type, entry points)
 KERNELS: dict[str, tuple[type[Defines], tuple[str, ...]]] = {
     "attention": (AttentionDefines, ("attn_block_means", "attn_scores", "attn_topk",
-                                     "attn_idx_mask", "attn_compact", "attn_fwd")),
+                                     "attn_idx_mask", "attn_compact", "attn_prep",
+                                     "attn_fwd")),
     "gemm": (GemmDefines, ("gemm_pack_a", "gemm_pack_b", "gemm_pack_bt", "gemm_tile")),
     "quantize": (QuantizeDefines, ("quant_amax", "quant_scale", "quant_encode",
                                    "quant_round")),

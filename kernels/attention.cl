@@ -7,14 +7,16 @@
  * attn_idx_mask from the caller's indices. The selection is a byte mask [B*Hkv, Lq, n_blocks];
  * attn_compact turns it into sorted, -1 padded block indices.
  *
- * attn_fwd: one work-item per (query, kv head, tile of HPW query heads). It walks the query's
- * allowed keys only, window first, then each selected block minus the window, so no key
- * counts twice and keys outside the allowed set are never loaded (NaN/Inf there cannot leak).
- * Each key is loaded once for the HPW heads that share it (GQA); softmax state per head in
- * float32 registers.
+ * attn_prep converts k (transposed in chunks of KC keys) and v to float32 once. attn_fwd: one
+ * work-item per (query, kv head, tile of HPW query heads). It walks the query's allowed keys
+ * only, window first, then each selected block minus the window, so no key counts twice; keys
+ * that share a chunk with allowed ones are scored but dropped by selection before any exp or
+ * product, so NaN/Inf outside the allowed set cannot leak. Each key is loaded once for the HPW
+ * heads that share it (GQA); softmax state per head in float32.
  *
  * Defines (dshal_kernels.AttentionDefines): D, DV head dims (>= 1); HPW heads per work-item;
- * X_T, X_LOAD, X_STORE the dtype of q, k, v, out; HAS_SEL 1 when a selection mask is used.
+ * KC keys per chunk; X_T, X_LOAD, X_STORE the dtype of q, k, v, out; HAS_SEL 1 when a
+ * selection mask is used.
  */
 #include "inc_vendor.h"
 
@@ -123,38 +125,85 @@ KERNEL void attn_compact(GLOBAL const uchar* RESTRICT mask, GLOBAL int* RESTRICT
     for (; c < width; c++) o[c] = -1;
 }
 
+/* keys of (batch, kv head) bh as float32 in chunks of KC, transposed within a chunk:
+ * kt[bh][chunk][d][c] = k[bh][chunk*KC + c][d] (zero past Lk); and v as float32 vf[bh][j][e]
+ * (float32 inputs skip this: the host passes v itself). One work-item per (key, bh). */
+KERNEL void attn_prep(GLOBAL const X_T* RESTRICT k, GLOBAL const X_T* RESTRICT v,
+                      GLOBAL float* RESTRICT kt, GLOBAL float* RESTRICT vf, int convert_v,
+                      int BH, int Lk, int chunks) {
+    int j = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (j >= chunks * KC || bh >= BH) return;
+    GLOBAL float* dst = kt + ((i64)bh * chunks + j / KC) * D * KC + j % KC;
+    GLOBAL const X_T* src = k + ((i64)bh * Lk + j) * D;
+    for (int d = 0; d < D; d++) dst[d * KC] = j < Lk ? X_LOAD(src[d]) : 0.0f;
+    if (convert_v && j < Lk)
+        for (int e = 0; e < DV; e++)
+            vf[((i64)bh * Lk + j) * DV + e] = X_LOAD(v[((i64)bh * Lk + j) * DV + e]);
+}
+
 typedef struct {
     float q[HPW][D], acc[HPW][DV], m[HPW], l[HPW];
     int seen;
 } attn_state;
 
-/* fold keys [j0, j1) of one (batch, kv head) into the state */
-DEVICE void attend(attn_state* st, GLOBAL const X_T* RESTRICT kb, GLOBAL const X_T* RESTRICT vb,
-                   int j0, int j1, float scale) {
-    for (int j = j0; j < j1; j++) {
-        float kr[D], vr[DV];
-        for (int d = 0; d < D; d++) kr[d] = X_LOAD(kb[(i64)j * D + d]);
-        for (int e = 0; e < DV; e++) vr[e] = X_LOAD(vb[(i64)j * DV + e]);
+/* fold keys [j0, j1) of one (batch, kv head) into the state, a chunk of KC keys at a time:
+ * scores for the whole chunk (independent accumulators along the chunk, so they vectorize),
+ * keys outside [j0, j1) then dropped by selection before any exp or product, so whatever they
+ * hold never reaches the state */
+DEVICE void attend(attn_state* st, GLOBAL const float* RESTRICT kt,
+                   GLOBAL const float* RESTRICT vf, int j0, int j1, float scale) {
+    if (j1 <= j0) return;
+    for (int cb = j0 / KC; cb * KC < j1; cb++) {
+        int c0 = MAX(j0 - cb * KC, 0), c1 = MIN(j1 - cb * KC, KC);
+        GLOBAL const float* kc = kt + (i64)cb * D * KC;
+        float s[HPW][KC];
+        for (int h = 0; h < HPW; h++)
+#pragma unroll
+            for (int c = 0; c < KC; c++) s[h][c] = 0.0f;
+        for (int d = 0; d < D; d++) {
+            float kd[KC];
+#pragma unroll
+            for (int c = 0; c < KC; c++) kd[c] = kc[d * KC + c];
+            for (int h = 0; h < HPW; h++) {
+                float qd = st->q[h][d];
+    #pragma unroll
+                for (int c = 0; c < KC; c++) s[h][c] += qd * kd[c];
+            }
+        }
         for (int h = 0; h < HPW; h++) {
-            float s = 0.0f;
-            for (int d = 0; d < D; d++) s += st->q[h][d] * kr[d];
-            s *= scale;
-            float m = st->m[h];
-            float mn = s > m ? s : m; /* a NaN score keeps m, and poisons l below */
-            float corr = mn == m ? 1.0f : EXPF(m - mn);
-            float p = s == -DSHAL_INF ? 0.0f : EXPF(s - mn);
+            float m = st->m[h], mn = m;
+#pragma unroll
+            for (int c = 0; c < KC; c++) {
+                float x = (c >= c0 && c < c1) ? s[h][c] * scale : -DSHAL_INF;
+                s[h][c] = x;
+                mn = x > mn ? x : mn; /* a NaN score keeps the max, and poisons l below */
+            }
+            float corr = mn == m ? 1.0f : dshal_exp_le0(m - mn), sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < KC; c++) {
+                float p = s[h][c] == -DSHAL_INF ? 0.0f : dshal_exp_le0(s[h][c] - mn);
+                s[h][c] = p;
+                sum += p;
+            }
             st->m[h] = mn;
-            st->l[h] = st->l[h] * corr + p;
-            for (int e = 0; e < DV; e++) st->acc[h][e] = st->acc[h][e] * corr + p * vr[e];
+            st->l[h] = st->l[h] * corr + sum;
+#pragma unroll
+            for (int e = 0; e < DV; e++) st->acc[h][e] *= corr;
+            for (int c = c0; c < c1; c++) {
+                float p = s[h][c];
+                GLOBAL const float* vr = vf + (i64)(cb * KC + c) * DV;
+    #pragma unroll
+                for (int e = 0; e < DV; e++) st->acc[h][e] += p * vr[e];
+            }
         }
     }
-    st->seen += MAX(j1 - j0, 0);
+    st->seen += j1 - j0;
 }
 
 /* out [B, Hq, Lq, DV], lse [B, Hq, Lq] for query GLOBAL_ID(0) and head tile GLOBAL_ID(1) of
- * (batch b, kv head t): heads t*g + tile*HPW .. + HPW */
-KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
-                     GLOBAL const X_T* RESTRICT v, GLOBAL const uchar* RESTRICT mask,
+ * (batch b, kv head t): heads t*g + tile*HPW .. + HPW. kt, vf as attn_prep writes them. */
+KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT kt,
+                     GLOBAL const float* RESTRICT vf, GLOBAL const uchar* RESTRICT mask,
                      GLOBAL X_T* RESTRICT out, GLOBAL float* RESTRICT lse, int write_lse,
                      int BH, int g, int Lq, int Lk, int nb, int bs, int window, int causal,
                      float scale) {
@@ -162,8 +211,9 @@ KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
     int tiles = g / HPW, bh = tile / tiles;
     if (i >= Lq || bh >= BH) return;
     int h0 = bh * g + (tile % tiles) * HPW; /* row of q viewed as [B*Hq, Lq, D] */
-    GLOBAL const X_T* kb = k + (i64)bh * Lk * D;
-    GLOBAL const X_T* vb = v + (i64)bh * Lk * DV;
+    int chunks = (Lk + KC - 1) / KC;
+    GLOBAL const float* kb = kt + (i64)bh * chunks * D * KC;
+    GLOBAL const float* vb = vf + (i64)bh * Lk * DV;
     attn_state st;
     for (int h = 0; h < HPW; h++) {
         GLOBAL const X_T* qr = q + ((i64)(h0 + h) * Lq + i) * D;

@@ -64,11 +64,12 @@ KERNEL void gated_apply(GLOBAL const X_T* RESTRICT x, GLOBAL const L_T* RESTRICT
     y[at] = X_STORE(v);
 }
 
-/* y[r, cols[j]] = gate * (t[r, j] + bias[cols[j]]) where open, else 0; t [rows, ncols] are the
+/* y[r, cols[j]] = gate * (t[r, j] + bias[cols[j]]) where open, else 0; t [rows, ldt] holds the
  * products x . weight[cols[j]] of the open channels; y [rows, Cout] was zero filled */
-KERNEL void gated_finish(GLOBAL const float* RESTRICT t, GLOBAL const int* RESTRICT cols,
-                         GLOBAL const L_T* RESTRICT logits, GLOBAL const uchar* RESTRICT mask,
-                         GLOBAL const X_T* RESTRICT bias, int has_bias, GLOBAL X_T* RESTRICT y,
+KERNEL void gated_finish(GLOBAL const float* RESTRICT t, int ldt,
+                         GLOBAL const int* RESTRICT cols, GLOBAL const L_T* RESTRICT logits,
+                         GLOBAL const uchar* RESTRICT mask, GLOBAL const X_T* RESTRICT bias,
+                         int has_bias, GLOBAL X_T* RESTRICT y,
                          int rows, int ncols, int Cout, int static_gates) {
     int j = GLOBAL_ID(0), r = GLOBAL_ID(1);
     if (j >= ncols || r >= rows) return;
@@ -76,7 +77,7 @@ KERNEL void gated_finish(GLOBAL const float* RESTRICT t, GLOBAL const int* RESTR
     i64 at = (i64)r * Cout + c, gi = static_gates ? (i64)c : at;
     float v = 0.0f;
     if (mask[gi]) {
-        float pre = t[(i64)r * ncols + j];
+        float pre = t[(i64)r * ldt + j];
         if (has_bias) pre += X_LOAD(bias[c]);
         v = gate_of(L_LOAD(logits[gi])) * pre;
     }

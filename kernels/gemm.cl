@@ -65,16 +65,17 @@ KERNEL void gemm_pack_bt(GLOBAL const B_T* RESTRICT w, GLOBAL const int* RESTRIC
     bp[((i64)(n / TN) * K + k) * TN + n % TN] = v;
 }
 
-/* one TM x TN tile of C per work-item (tile column GLOBAL_ID(0), tile row GLOBAL_ID(1)).
+/* one TM x TN tile of C per work-item (tile column GLOBAL_ID(0), tile row GLOBAL_ID(1)); C is
+ * [ceil(M/TM)*TM, ldc] with ldc a multiple of TN >= N: the caller reads its [M, N] corner.
  * int8: exact int32 sums over K groups of kg, each scaled by sa(m, group) * sb(group, n). */
 KERNEL void gemm_tile(GLOBAL const PK_T* RESTRICT ap, GLOBAL const PK_T* RESTRICT bp,
                       GLOBAL OUT_T* RESTRICT c, GLOBAL const BIAS_T* RESTRICT bias, int has_bias,
                       GLOBAL const float* RESTRICT sa, int a_rs, int a_cs, int a_rdiv,
                       int a_cdiv, GLOBAL const float* RESTRICT sb, int b_rs, int b_cs,
-                      int b_rdiv, int b_cdiv, int M, int N, int K, int kg) {
+                      int b_rdiv, int b_cdiv, int M, int N, int K, int kg, int ldc) {
     int tn = GLOBAL_ID(0), tm = GLOBAL_ID(1);
     int m0 = tm * TM, n0 = tn * TN;
-    if (m0 >= M || n0 >= N) return;
+    if (m0 >= M || n0 >= ldc) return;
     GLOBAL const PK_T* pa = ap + (i64)tm * K * TM;
     GLOBAL const PK_T* pb = bp + (i64)tn * K * TN;
     float acc[TM][TN];
@@ -124,15 +125,16 @@ KERNEL void gemm_tile(GLOBAL const PK_T* RESTRICT ap, GLOBAL const PK_T* RESTRIC
             for (int j = 0; j < TN; j++) acc[i][j] += av[i] * bv[j];
     }
 #endif
+    /* epilogue: c is padded to whole tiles (row pitch ldc), so every store is unconditional:
+     * a store under a per-element bounds check makes the compiler keep acc in memory */
+    float bj[TN];
 #pragma unroll
-    for (int i = 0; i < TM; i++) {
-        if (m0 + i >= M) break;
+    for (int j = 0; j < TN; j++)
+        bj[j] = has_bias ? BIAS_LOAD(bias[MIN(n0 + j, N - 1)]) : 0.0f;
 #pragma unroll
-        for (int j = 0; j < TN; j++) {
-            if (n0 + j >= N) break;
-            float v = acc[i][j];
-            if (has_bias) v += BIAS_LOAD(bias[n0 + j]);
-            c[(i64)(m0 + i) * N + n0 + j] = OUT_STORE(v);
-        }
-    }
+    for (int i = 0; i < TM; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++)
+            c[(i64)(m0 + i) * ldc + n0 + j] =
+                OUT_STORE(has_bias ? acc[i][j] + bj[j] : acc[i][j]);
 }

@@ -34,6 +34,7 @@
 
 /* ---- 2. qualifiers and scalar types -------------------------------------------------------- */
 #if defined(IS_OPENCL)
+#pragma OPENCL FP_CONTRACT ON /* a * b + c may become one correctly rounded fma, as in C/CUDA */
 #define KERNEL __kernel
 #define GLOBAL __global
 #define LOCAL __local
@@ -107,6 +108,27 @@ DEVICE float dshal_div_rn(float a, float b) {
 #else
 #define DIV_RN(a, b) ((a) / (b))
 #endif
+
+/* exp(x) for the softmax's x <= 0 (and NaN): Cody-Waite reduction and Cephes' degree-6
+ * polynomial, within 2 ulp of expf; 0 below -87.3 (where expf is subnormal or 0). Plain
+ * arithmetic with selects, so compilers vectorize loops of it (a libm call does not). */
+DEVICE float dshal_exp_le0(float x) {
+    float n = RINTF(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    float e = AS_FLOAT((uint)((int)MAX(n, -126.0f) + 127) << 23);
+    float y = p * e;
+    y = x < -87.3f ? 0.0f : y;
+    return ISNAN(x) ? x : y;
+}
 
 /* ---- 5. storage formats <-> float32 (bit exact, round to nearest even) ----------------------- */
 
