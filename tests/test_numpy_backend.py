@@ -349,10 +349,18 @@ def test_fp8_encoder_matches_ml_dtypes_on_every_tie(fmt):
                          ).astype(np.float32), np.float32([0.0, -0.0, 1e-38, -1e-45])])
     qmax = np.float32(grid.max())
     x = np.clip(x, -qmax, qmax)
-    out = np.empty(x.shape, np.uint8)
+    # every upper-16-bit pattern in range, with lower bits 0, 1, 0x8000, 0xFFFF and random
+    upper = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    lows = [0, 1, 0x8000, 0xFFFF, rng.integers(0, 1 << 16, upper.size, dtype=np.uint32)]
+    every = np.concatenate([(upper | np.uint32(low)) for low in lows]).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        every = every[np.abs(every) <= qmax]
+    x = np.concatenate([x, every])
+    want = x.astype(dtype).view(np.uint8)
     mbits, bias = gemm_mod._FP8_LAYOUT[fmt]
+    out = np.empty(x.shape, np.uint8)
     gemm_mod._encode_fp8(x, out, mbits, bias)
-    np.testing.assert_array_equal(out, x.astype(dtype).view(np.uint8))
+    np.testing.assert_array_equal(out, want)
 
 
 # --- gemm -------------------------------------------------------------------------------------

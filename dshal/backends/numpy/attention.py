@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -162,6 +163,24 @@ def _parallel(fn, units: list, threads: int) -> None:
             pass
 
 
+#: below this many elements an elementwise pipeline (quantize, gates) runs on the calling thread
+PARALLEL_MIN = 1 << 21
+
+
+def parallel_spans(fn: Callable[[int, int], None], n: int, size: int, align: int = 1) -> None:
+    """Call ``fn(a, z)`` on contiguous spans covering ``[0, n)`` (bounds multiples of
+    ``align``): one span per thread when the work (``size`` elements) is large enough to be
+    worth it, else one span on the calling thread. Spans write disjoint outputs, so results do
+    not depend on the threads."""
+    threads = _workers() if size >= PARALLEL_MIN else 1
+    if threads == 1:  # no pool, no BLAS limit to set: small calls pay nothing
+        fn(0, n)
+        return
+    step = -(-max(1, -(-n // threads)) // align) * align
+    spans = [(a, min(n, a + step)) for a in range(0, n, step)]
+    _parallel(lambda span: fn(*span), spans, threads)
+
+
 class _KV:
     """Keys and values of one (batch, kv head), prepared once for all its query ranges."""
 
@@ -224,7 +243,7 @@ def _unit(call: AttentionCall, unit: tuple[int, int, int, int], cache: _KVCache,
         if kv.lk == 0 or g == 0:
             return
         head = _Head(call, call.q[b, heads, qa:qz], kv, off, cdt)
-        head.run(sel)
+        head.run(sel, call.indices is None and _selects_every_block(call.top_k, kv.n_blocks))
         # rows with nothing allowed give 0 / -inf; rows whose allowed scores are all -inf
         # give NaN, as the softmax itself does
         empty = ~_has_keys(call, sel, qz - qa, off, kv.lk)
@@ -341,6 +360,13 @@ def _top(score: np.ndarray, own: np.ndarray, causal: bool, top_k: int | float,
     out |= tie
 
 
+def _selects_every_block(top_k: int | float | None, n_blocks: int) -> bool:
+    """Whether ``top_k`` picks every candidate block of every query (see :func:`_top`)."""
+    if top_k is None:
+        return False
+    return top_k >= 1.0 if isinstance(top_k, float) else top_k >= n_blocks
+
+
 def resolve_count(spec: int | float, n: np.ndarray) -> np.ndarray:
     """How many of ``n`` items ``top_k``/``keep`` asks for: an int count clipped to ``n``, or
     ``ceil(f * n)`` (a product within 1e-9 above an integer counts as that integer), at least
@@ -396,9 +422,16 @@ class _Head:
         self.acc = np.zeros((n, g, kv.vx.shape[1]), cdt)
         self.rows = np.arange(n)
 
-    def run(self, sel: np.ndarray | None) -> None:
-        """Both passes, leaving the sums in ``acc`` and the references in ``m``."""
-        w = self.call.window
+    def run(self, sel: np.ndarray | None, every_key: bool = False) -> None:
+        """Both passes, leaving the sums in ``acc`` and the references in ``m``.
+
+        ``every_key``: the selection holds every block a query may see (``top_k`` at least the
+        number of blocks), so the call is dense attention and runs as such, in key chunks
+        (the block pass would gather every query for every block).
+        """
+        if every_key:
+            sel = None
+        w = 0 if every_key else self.call.window
         self._init_reference(sel if w == 0 and self.call.indices is not None else None)
         if sel is None or w > 0:
             _band_pass(self, w, dense=sel is None and w == 0)

@@ -8,10 +8,19 @@ with ``np.where`` (never a multiplication, which would let NaN/Inf through).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from dshal.backends.numpy.attention import resolve_count
+from dshal.backends.numpy.attention import parallel_spans, resolve_count
 from dshal.calls import GatedCall
+
+#: elements per row of the gate-select loop (see :func:`_select`)
+_SELECT_ROW = 1 << 16
+#: below this many elements np.where is as fast (and needs no mask of bits)
+_SELECT_MIN = 1 << 14
+#: same-sized integer type of a float dtype's itemsize
+_BITS = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -45,8 +54,7 @@ def gated_channels(call: GatedCall) -> tuple[np.ndarray, np.ndarray | None]:
     mask = open_mask(z, call.mode, call.threshold, call.keep)
     gate = None if call.mode == "hard" else sigmoid(z)
     if call.weight is None and gate is None:  # the common hard gate: one select, no arithmetic
-        y = np.where(mask, x, x.dtype.type(0))
-        return y, (mask if call.return_mask else None)
+        return _select(x, mask), (mask if call.return_mask else None)
     with np.errstate(all="ignore"):
         if call.weight is None:
             y = np.where(mask, x.astype(cdt, copy=False) * gate, 0)
@@ -56,19 +64,57 @@ def gated_channels(call: GatedCall) -> tuple[np.ndarray, np.ndarray | None]:
     return y.astype(x.dtype, copy=False), (mask if call.return_mask else None)
 
 
+def _select(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``np.where(mask, x, 0)``. Static gates on a contiguous x: a bitwise AND of x's bits with
+    all-ones (open) or zero (closed) per channel, bitwise the same (closed give +0, NaN stays
+    where open), near copy speed: rows are viewed ``reps`` at a time against the channel mask
+    tiled ``reps`` times, since numpy's broadcast loops pay per row (np.where's broadcast
+    select runs at a quarter of a copy). Split over the CPUs for large x."""
+    bits = _BITS.get(x.dtype.itemsize) if x.size >= _SELECT_MIN and mask.ndim == 1 else None
+    if bits is None or not x.flags.c_contiguous:
+        return np.where(mask, x, x.dtype.type(0))
+    c = mask.size
+    rows = x.size // c
+    reps = max(1, min(rows, _SELECT_ROW // c))
+    keep = np.tile(np.where(mask, bits(-1), bits(0)), reps)
+    y = np.empty_like(x)
+    xi, yi = x.view(bits).reshape(rows, c), y.view(bits).reshape(rows, c)
+    wide = rows // reps * reps
+    xw, yw = xi[:wide].reshape(-1, reps * c), yi[:wide].reshape(-1, reps * c)
+
+    def span(a: int, z: int) -> None:
+        np.bitwise_and(xw[a:z], keep, out=yw[a:z])
+
+    parallel_spans(span, xw.shape[0], x.size)
+    np.bitwise_and(xi[wide:], keep[:c], out=yi[wide:])
+    return y
+
+
 def _weighted(x: np.ndarray, weight: np.ndarray, bias, mask: np.ndarray,
               gate: np.ndarray | None, cdt) -> np.ndarray:
-    """``gate * (x @ weight[c] + bias[c])`` on open channels c only, 0 elsewhere."""
+    """``gate * (x @ weight[c] + bias[c])`` on open channels c only, 0 elsewhere.
+
+    Static gates: the product is written into the first columns of a buffer whose last column
+    is 0, and one gather along the channels places every output column (a column scatter into
+    a zeroed output costs 3-4x more: 78 ms against 21 ms at 4096 x 4096).
+    """
     c_out = weight.shape[0]
-    y = np.zeros((*x.shape[:-1], c_out), cdt)
     row_gates = mask.ndim > 1
     cols = np.flatnonzero(mask.any(axis=tuple(range(mask.ndim - 1))) if row_gates else mask)
     if cols.size == 0:
-        return y
-    part = x @ weight[cols].astype(cdt).T
+        return np.zeros((*x.shape[:-1], c_out), cdt)
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    buf = np.empty((rows, cols.size + 1), cdt)
+    buf[:, -1] = 0
+    part = buf[:, :-1]
+    np.matmul(x.reshape(rows, x.shape[-1]), weight[cols].astype(cdt).T, out=part)
     if bias is not None:
         part += np.asarray(bias)[cols].astype(cdt)
     if gate is not None:
-        part *= gate[..., cols]
-    y[..., cols] = np.where(mask[..., cols], part, 0) if row_gates else part
-    return y
+        part *= gate[..., cols].reshape(-1, cols.size)
+    if row_gates:
+        np.copyto(part, 0, where=~mask[..., cols].reshape(-1, cols.size))
+    src = np.full(c_out, cols.size)  # closed channels read the zero column
+    src[cols] = np.arange(cols.size)
+    return np.take(buf, src, axis=1).reshape(*lead, c_out)

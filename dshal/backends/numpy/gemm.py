@@ -3,7 +3,8 @@
 quantize works in cache-sized chunks of rows (cast to float32, group absolute max on the bit
 patterns, divide, round) so that the pipeline costs a few passes over the input; fp8 values are
 encoded with vector integer operations (bitwise ml_dtypes' round-to-nearest-even cast, about 3x
-faster than that cast) and decoded through a 256-entry table. gemm multiplies in float32 BLAS
+faster than that cast) and decoded through a 256-entry table. Large inputs are quantised in
+chunks on every CPU. gemm multiplies in float32 BLAS
 for every precision:
 
 - fp32 / tf32 / bf16 / fp16: the operands are rounded to the format, then multiplied in fp32;
@@ -21,11 +22,12 @@ import math
 import ml_dtypes
 import numpy as np
 
+from dshal.backends.numpy.attention import parallel_spans
 from dshal.calls import GemmCall, QuantizeCall
 from dshal.dtypes import QMAX, QUANTIZED_PRECISIONS, STORAGE_DTYPE
 
 #: float32 elements per cache-resident chunk of the quantize pipeline
-_CHUNK = 1 << 16
+_CHUNK = 1 << 19
 #: longest int8 dot product that float32 accumulates exactly (128 * 128 * 1024 = 2**24)
 EXACT_K = 1024
 
@@ -37,6 +39,10 @@ _FP8_LAYOUT = {"fp8_e4m3": (3, 7), "fp8_e5m2": (2, 15)}
 #: every fp8 code's float32 value
 _FP8_TABLE = {_STORAGE[p]: np.arange(256, dtype=np.uint8).view(_STORAGE[p]).astype(np.float32)
               for p in _FP8_LAYOUT}
+
+
+#: the float precisions stored in a narrower dtype
+_NARROW = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -53,13 +59,11 @@ def round_float(x: np.ndarray, precision: str, *, copy: bool = True) -> np.ndarr
     ``ml_dtypes.bfloat16``, fp16 as float16. ``copy=False`` lets fp32 return ``x`` itself.
     """
     with np.errstate(over="ignore"):
+        if precision in _NARROW:  # the cast makes the new array: no float32 copy first
+            return np.asarray(x, np.float32).astype(_NARROW[precision])
         x32 = np.array(x, dtype=np.float32, copy=copy or x.dtype != np.float32)
         if precision == "fp32":
             return x32
-        if precision == "bf16":
-            return x32.astype(ml_dtypes.bfloat16)
-        if precision == "fp16":
-            return x32.astype(np.float16)
     if precision != "tf32":
         raise ValueError(f"precision={precision!r} is not a float precision")
     if x32 is x:
@@ -89,34 +93,52 @@ def quantize(call: QuantizeCall) -> tuple[np.ndarray, np.ndarray | None]:
 
 def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """fp8/int8 values and float32 scales of ``x`` (scale = amax / qmax per group, 1 where 0)."""
+    """fp8/int8 values and float32 scales of ``x`` (scale = amax / qmax per group, 1 where 0).
+
+    Chunks are independent (they write disjoint values and scales), so large inputs are split
+    over the CPUs (:func:`parallel_spans`); results do not depend on the split.
+    """
     qmax = np.float32(QMAX[precision])
     values = np.empty(x.shape, _STORAGE[precision])
     if granularity == "tensor":
         flat, vflat = x.reshape(1, x.size), values.reshape(1, x.size)
-        amax = np.zeros((), np.float32)
-        for r0 in range(0, x.size, _CHUNK):
-            amax = np.maximum(amax, _amax(_padded(flat[:, r0:r0 + _CHUNK], 0), (0, 1)))
-        scale = _scale(amax, qmax)
-        for r0 in range(0, x.size, _CHUNK):
-            c = _padded(flat[:, r0:r0 + _CHUNK], 0)
-            c /= scale
-            _encode(c, vflat[:, r0:r0 + _CHUNK], precision, scale)
+        parts: list[np.ndarray] = []
+
+        def span_amax(a: int, z: int) -> None:
+            m = np.zeros((), np.float32)
+            for r0 in range(a, z, _CHUNK):
+                m = np.maximum(m, _amax(_padded(flat[:, r0:min(z, r0 + _CHUNK)], 0), (0, 1)))
+            parts.append(m)
+
+        parallel_spans(span_amax, x.size, x.size, _CHUNK)
+        scale = _scale(np.maximum.reduce(parts, initial=np.float32(0)), qmax)
+
+        def span_tensor(a: int, z: int) -> None:
+            for r0 in range(a, z, _CHUNK):
+                r1 = min(z, r0 + _CHUNK)
+                c = _divided(*_as_float32(flat[:, r0:r1], 0), scale, (1, r1 - r0))
+                _encode(c, vflat[:, r0:r1], precision, scale)
+
+        parallel_spans(span_tensor, x.size, x.size, _CHUNK)
         return values, scale
     if granularity == "block":
         K, N = x.shape
         nk, nn = _ceil_div(K, g), _ceil_div(N, g)
         scales = np.ones((nk, nn), np.float32)
         cols = max(1, _CHUNK // (g * g))  # column tiles per chunk
-        for kb in range(nk):
-            for nb in range(0, nn, cols):
-                ne = min(nn, nb + cols)
-                rows, span = slice(kb * g, (kb + 1) * g), slice(nb * g, min(N, ne * g))
-                c = _padded(x[rows, span], (ne - nb) * g)
-                tiles = c.reshape(c.shape[0], ne - nb, g)
-                scales[kb, nb:ne] = s = _scale(_amax(tiles, (0, 2)), qmax)
-                tiles /= s[None, :, None]
-                _encode(c[:, : span.stop - span.start], values[rows, span], precision, s)
+
+        def span_block(a: int, z: int) -> None:
+            for kb in range(a, z):
+                for nb in range(0, nn, cols):
+                    ne = min(nn, nb + cols)
+                    rows, span = slice(kb * g, (kb + 1) * g), slice(nb * g, min(N, ne * g))
+                    c = _padded(x[rows, span], (ne - nb) * g)
+                    tiles = c.reshape(c.shape[0], ne - nb, g)
+                    scales[kb, nb:ne] = s = _scale(_amax(tiles, (0, 2)), qmax)
+                    tiles /= s[None, :, None]
+                    _encode(c[:, : span.stop - span.start], values[rows, span], precision, s)
+
+        parallel_spans(span_block, nk, x.size)
         return values, scales
     K = x.shape[-1]
     nk = _ceil_div(K, g)
@@ -124,12 +146,18 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
     vrows = values.reshape(rows.shape)
     scales = np.ones((rows.shape[0], nk), np.float32)
     step = max(1, _CHUNK // max(1, nk * g))
-    for r0 in range(0, rows.shape[0] if nk else 0, step):
-        c = _padded(rows[r0:r0 + step], nk * g)
-        groups = c.reshape(c.shape[0], nk, g)
-        scales[r0:r0 + step] = s = _scale(_amax(groups, (2,)), qmax)
-        groups /= s[..., None]
-        _encode(c[:, :K], vrows[r0:r0 + step], precision, s)
+
+    def span_rows(a: int, z: int) -> None:
+        for r0 in range(a, z, step):
+            r1 = min(z, r0 + step)
+            src, fresh = _as_float32(rows[r0:r1], nk * g)
+            shape = (r1 - r0, nk, g)
+            scales[r0:r1] = s = _scale(_amax(src.reshape(shape), (2,)), qmax)
+            c = _divided(src, fresh, s[..., None], shape)
+            _encode(c[:, :K], vrows[r0:r1], precision, s)
+
+    if nk:
+        parallel_spans(span_rows, rows.shape[0], x.size, step)
     return values, scales.reshape(*x.shape[:-1], nk)
 
 
@@ -141,6 +169,22 @@ def _padded(x: np.ndarray, width: int) -> np.ndarray:
         out = np.zeros((x.shape[0], width), np.float32)
         out[:, : x.shape[1]] = x
         return out
+
+
+def _as_float32(x: np.ndarray, width: int) -> tuple[np.ndarray, bool]:
+    """``(x as float32 [r, max(n, width)], whether that is a fresh copy)``: x itself when it is
+    float32 and wide enough, so that the division can write straight into new memory."""
+    if x.dtype == np.float32 and x.shape[1] >= width:
+        return x, False
+    return _padded(x, width), True
+
+
+def _divided(x: np.ndarray, fresh: bool, s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 ``x / s`` (``s`` broadcast over x viewed as ``shape``): in place when ``x`` is a
+    ``fresh`` copy, else into a new array (no copy of x first)."""
+    out = x if fresh else np.empty(x.shape, np.float32)
+    np.divide(x.reshape(shape), s, out=out.reshape(shape))
+    return out
 
 
 def _amax(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
@@ -159,18 +203,18 @@ def _scale(amax: np.ndarray, qmax: np.float32) -> np.ndarray:
 
 
 def _encode(scaled: np.ndarray, out: np.ndarray, precision: str, scales: np.ndarray) -> None:
-    """Saturate and round float32 ``x / scale`` (in place) to nearest even into ``out``.
+    """Saturate and round float32 ``x / scale`` (``scaled``, overwritten) to nearest even into
+    ``out``.
 
     With normal (not subnormal) scales ``|x| / scale <= qmax * (1 + 2u)``, which rounds to at
-    most qmax, so the saturation pass is needed only when a scale is subnormal.
+    most qmax, so the saturation pass is needed only when a scale is subnormal (clipping to the
+    integer qmax before rounding gives what rounding first would).
     """
     qmax = np.float32(QMAX[precision])
-    if precision == "int8":
-        np.rint(scaled, out=scaled)
     if (scales < _TINY).any():
         np.clip(scaled, -qmax, qmax, out=scaled)
     if precision == "int8":
-        np.copyto(out, scaled, casting="unsafe")
+        np.rint(scaled, out=out, casting="unsafe")
     else:
         mbits, bias = _FP8_LAYOUT[precision]
         _encode_fp8(scaled, out.view(np.uint8), mbits, bias)

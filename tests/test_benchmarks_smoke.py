@@ -1,0 +1,32 @@
+"""Every benchmark case runs once at toy sizes, so the benchmarks cannot rot (no timings)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from benchmarks import _harness
+
+MODULES = ["test_attention", "test_gemm", "test_gating", "test_dispatch", "test_opencl"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_cases_run_at_tiny_sizes(name: str) -> None:
+    pytest.importorskip("torch")
+    module = importlib.import_module(f"benchmarks.{name}")
+    _harness.smoke(module.cases(tiny=True))
+
+
+def test_memory_probe_and_table() -> None:
+    """The subprocess memory probe reports a number; the table printer formats every column."""
+    res = _harness.peak_memory("benchmarks.test_memory",
+                               importlib.import_module("benchmarks.test_memory").cases(
+                                   tiny=True)[0].impl, tiny=True)
+    assert res["extra_mib"] >= 0 and res["seconds"] > 0
+    records = [{"impl": "a", "median": 2.0, "min": 1.0, "flops": 4e9},
+               {"impl": "b", "median": 1.0, "min": 1.0, "bytes": 1e9, "peer": "a",
+                "extra_mib": res["extra_mib"]}]
+    text = _harness.format_table("t", _harness.table_rows(records, {"sgemm_gflops": 10.0,
+                                                                     "copy_gbs": 10.0}))
+    assert "2.00x vs a" in text and "GFLOP/s" in text and "GB/s" in text
