@@ -21,6 +21,7 @@ import pytest
 
 import dshal
 from benchmarks._harness import Case, best_time, ids, run
+from benchmarks.test_gemm import matrix, numpy_matmul
 
 ATTENTION = dict(top_k=8, block_size=64, window=128, causal=True)
 
@@ -28,16 +29,6 @@ ATTENTION = dict(top_k=8, block_size=64, window=128, causal=True)
 def available() -> bool:
     b = dshal.ops.backends().get("opencl")
     return b is not None and b.available
-
-
-@functools.cache
-def matrix(rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, cols), dtype=np.float32)
-
-
-def numpy_matmul(n: int):
-    a, b = matrix(n, n), matrix(n, n, 1)
-    return lambda: a @ b
 
 
 def dshal_gemm(n: int, backend: str):
