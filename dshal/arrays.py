@@ -15,7 +15,6 @@ import numpy as np
 from dshal.capabilities import CPU, device_type_name
 from dshal.dtypes import numpy_dtype
 
-LIBRARIES = ("numpy", "torch", "cupy", "dlpack")
 #: device codes for torch device types DLPack has no code for (documented in docs/backends.md)
 TORCH_DEVICE_TYPES = {"cpu": 1, "cuda": 2, "mps": 8, "xpu": 14, "meta": 1000, "npu": 1001,
                       "privateuseone": 1002, "hpu": 1003, "mtia": 1004}

@@ -1,4 +1,4 @@
-"""Validated, normalised calls handed to a backend's run hooks.
+"""Validated, normalised calls handed to a backend's run hooks, and the count rule they share.
 
 dshal checks every argument before a backend sees it: a backend receives one of these records
 with arrays already converted to its ``array_kind`` and every option resolved (``scale`` is a
@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+#: a fraction times a count that lies this little above an integer counts as that integer
+FRACTION_SLACK = 1e-9
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,3 +82,30 @@ class GatedCall:
     threshold: float
     keep: int | float | None
     return_mask: bool
+
+
+def resolve_count(spec: int | float, n: Any) -> Any:
+    """How many of ``n`` items a ``top_k``/``keep`` value asks for.
+
+    An int is a count (clipped to ``n``); a float in (0, 1] is a fraction of ``n`` rounded up:
+    ``ceil(spec * n)`` computed in float64, except that a product within ``FRACTION_SLACK``
+    (1e-9) above an integer counts as that integer (float64 gives ``0.07 * 100 = 7.000000000000001``
+    but the caller means 7), and at least 1 when ``n > 0``. ``n`` may be an int or an integer
+    array (then an int64 array of the same shape is returned). bool is rejected.
+    """
+    n_arr = np.asarray(n, dtype=np.int64)
+    if isinstance(spec, (bool, np.bool_)):
+        raise ValueError(f"a count or fraction must not be a bool, got {spec!r}")
+    if isinstance(spec, (int, np.integer)):
+        if spec < 0:
+            raise ValueError(f"a count must be >= 0, got {spec}")
+        k = np.minimum(n_arr, int(spec))
+    elif isinstance(spec, (float, np.floating)):
+        f = float(spec)
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"a fraction must be in (0, 1], got {f}")
+        k = np.ceil(f * n_arr - FRACTION_SLACK)
+        k = np.clip(k, np.minimum(n_arr, 1), n_arr).astype(np.int64)
+    else:
+        raise ValueError(f"a count must be an int or a float fraction, got {spec!r}")
+    return int(k) if np.ndim(n) == 0 else k

@@ -58,13 +58,3 @@ def numpy_dtype(name: str) -> np.dtype:
 
         return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)
-
-
-def is_float(name: str) -> bool:
-    """True for the float dtypes an operator computes on (not the fp8 storage formats)."""
-    return name in FLOAT_DTYPES
-
-
-def is_quantized(name: str) -> bool:
-    """True for fp8/int8 storage dtypes."""
-    return name in QUANT_DTYPES

@@ -31,6 +31,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from dshal.calls import resolve_count
 from dshal.dtypes import (
     FLOAT_DTYPES,
     PRECISION_OF_STORAGE,
@@ -39,6 +40,7 @@ from dshal.dtypes import (
     QUANTIZED_PRECISIONS,
     ROUNDED_PRECISIONS,
 )
+from dshal.validate import ceil_div
 
 __all__ = [
     "allowed_mask",
@@ -64,9 +66,6 @@ __all__ = [
     "window_mask",
 ]
 
-#: a fraction times a count that lies this little above an integer counts as that integer
-FRACTION_SLACK = 1e-9
-
 _FP8_NUMPY = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 
 
@@ -77,37 +76,6 @@ _FP8_NUMPY = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_
 def _f64(x: Any) -> np.ndarray:
     """``x`` as a float64 array (exact for every float, fp8 and integer storage dtype)."""
     return np.asarray(x).astype(np.float64)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def resolve_count(spec: int | float, n: Any) -> Any:
-    """How many of ``n`` items a ``top_k``/``keep`` value asks for.
-
-    An int is a count (clipped to ``n``); a float in (0, 1] is a fraction of ``n`` rounded up:
-    ``ceil(spec * n)`` computed in float64, except that a product within ``FRACTION_SLACK``
-    (1e-9) above an integer counts as that integer (float64 gives ``0.07 * 100 = 7.000000000000001``
-    but the caller means 7), and at least 1 when ``n > 0``. ``n`` may be an int or an integer
-    array (then an int64 array of the same shape is returned). bool is rejected.
-    """
-    n_arr = np.asarray(n, dtype=np.int64)
-    if isinstance(spec, (bool, np.bool_)):
-        raise ValueError(f"a count or fraction must not be a bool, got {spec!r}")
-    if isinstance(spec, (int, np.integer)):
-        if spec < 0:
-            raise ValueError(f"a count must be >= 0, got {spec}")
-        k = np.minimum(n_arr, int(spec))
-    elif isinstance(spec, (float, np.floating)):
-        f = float(spec)
-        if not 0.0 < f <= 1.0:
-            raise ValueError(f"a fraction must be in (0, 1], got {f}")
-        k = np.ceil(f * n_arr - FRACTION_SLACK)
-        k = np.clip(k, np.minimum(n_arr, 1), n_arr).astype(np.int64)
-    else:
-        raise ValueError(f"a count must be an int or a float fraction, got {spec!r}")
-    return int(k) if np.ndim(n) == 0 else k
 
 
 def sigmoid(z: Any) -> np.ndarray:
@@ -137,7 +105,7 @@ def n_blocks(Lk: int, block_size: int) -> int:
     """Number of key blocks: ``ceil(Lk / block_size)`` (the last block may be short)."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return _ceil_div(Lk, block_size)
+    return ceil_div(Lk, block_size)
 
 
 def _positions(Lq: int, Lk: int) -> np.ndarray:
@@ -515,11 +483,11 @@ def dequantize_a(values: Any, a_scale: Any | None, group_size: int) -> np.ndarra
     s = _f64(a_scale)
     if s.ndim > 0:
         K = v.shape[-1]
-        if s.shape[-1] == _ceil_div(K, group_size) and s.shape[-1] != 1:
+        if s.shape[-1] == ceil_div(K, group_size) and s.shape[-1] != 1:
             s = s[..., np.arange(K) // group_size]
         elif s.shape[-1] != 1:
             raise ValueError(
-                f"a_scale must be a scalar, [..., M, 1] or [..., M, {_ceil_div(K, group_size)}] "
+                f"a_scale must be a scalar, [..., M, 1] or [..., M, {ceil_div(K, group_size)}] "
                 f"for a of shape {v.shape}, got {s.shape}")
     try:
         if np.broadcast_shapes(v.shape, s.shape) != v.shape:
@@ -544,7 +512,7 @@ def dequantize_b(values: Any, b_scale: Any | None, group_size: int) -> np.ndarra
     if s.ndim == 0:
         return v * s
     K, N = v.shape
-    blocks = (_ceil_div(K, group_size), _ceil_div(N, group_size))
+    blocks = (ceil_div(K, group_size), ceil_div(N, group_size))
     if s.shape == blocks:
         s = s[np.arange(K) // group_size][:, np.arange(N) // group_size]
     elif s.shape not in ((1, N), (1, 1)):

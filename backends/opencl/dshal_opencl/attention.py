@@ -2,7 +2,7 @@
 
 The host only prepares what is cheap and exact: contiguous inputs, a zero column for a zero
 head dim, and ``want[n]`` (how many of n candidate blocks ``top_k`` takes, by the float64 rule
-of :func:`dshal.reference.resolve_count`). Selection, attention and the compaction of the
+of :func:`dshal.calls.resolve_count`). Selection, attention and the compaction of the
 returned indices run as kernels.
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dshal.calls import AttentionCall
-from dshal.reference import resolve_count
+from dshal.calls import AttentionCall, resolve_count
 from dshal_kernels import AttentionDefines
 from dshal_opencl.device import Runtime
 from dshal_opencl.programs import programs

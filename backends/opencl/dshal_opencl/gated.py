@@ -12,8 +12,7 @@ import math
 
 import numpy as np
 
-from dshal.calls import GatedCall
-from dshal.reference import resolve_count
+from dshal.calls import GatedCall, resolve_count
 from dshal_kernels import GatedDefines, GemmDefines
 from dshal_opencl.device import Runtime, Session
 from dshal_opencl.programs import Program, programs

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from dshal.calls import AttentionCall
+from dshal.calls import AttentionCall, resolve_count
 
 #: query rows (queries x heads of the group) per unit of work: bounds the per-unit state
 #: (about 260 bytes per row for Dv = 64) and is the grain of threading
@@ -70,7 +70,6 @@ _THREADING_MIN = 1 << 22
 NEG_INF = -np.inf
 _LOG2E, _LN2 = float(np.log2(np.e)), float(np.log(2.0))
 #: a fraction times a count this little above an integer counts as that integer
-FRACTION_SLACK = 1e-9
 
 
 def sparse_attention(call: AttentionCall) -> tuple[np.ndarray, np.ndarray | None,
@@ -365,17 +364,6 @@ def _selects_every_block(top_k: int | float | None, n_blocks: int) -> bool:
     if top_k is None:
         return False
     return top_k >= 1.0 if isinstance(top_k, float) else top_k >= n_blocks
-
-
-def resolve_count(spec: int | float, n: np.ndarray) -> np.ndarray:
-    """How many of ``n`` items ``top_k``/``keep`` asks for: an int count clipped to ``n``, or
-    ``ceil(f * n)`` (a product within 1e-9 above an integer counts as that integer), at least
-    1 when ``n > 0``."""
-    n = np.asarray(n, dtype=np.int64)
-    if isinstance(spec, float):
-        k = np.ceil(spec * n - FRACTION_SLACK)
-        return np.clip(k, np.minimum(n, 1), n).astype(np.int64)
-    return np.minimum(n, int(spec))
 
 
 def _compact(sel: np.ndarray) -> np.ndarray:

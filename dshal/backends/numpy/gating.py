@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from dshal.backends.numpy.attention import parallel_spans, resolve_count
-from dshal.calls import GatedCall
+from dshal.backends.numpy.attention import parallel_spans
+from dshal.calls import GatedCall, resolve_count
 
 #: elements per row of the gate-select loop (see :func:`_select`)
 _SELECT_ROW = 1 << 16

@@ -25,6 +25,7 @@ import numpy as np
 from dshal.backends.numpy.attention import parallel_spans
 from dshal.calls import GemmCall, QuantizeCall
 from dshal.dtypes import QMAX, QUANTIZED_PRECISIONS, STORAGE_DTYPE
+from dshal.validate import ceil_div
 
 #: float32 elements per cache-resident chunk of the quantize pipeline
 _CHUNK = 1 << 19
@@ -43,10 +44,6 @@ _FP8_TABLE = {_STORAGE[p]: np.arange(256, dtype=np.uint8).view(_STORAGE[p]).asty
 
 #: the float precisions stored in a narrower dtype
 _NARROW = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --- rounding to a float precision ------------------------------------------------------------
@@ -123,7 +120,7 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
         return values, scale
     if granularity == "block":
         K, N = x.shape
-        nk, nn = _ceil_div(K, g), _ceil_div(N, g)
+        nk, nn = ceil_div(K, g), ceil_div(N, g)
         scales = np.ones((nk, nn), np.float32)
         cols = max(1, _CHUNK // (g * g))  # column tiles per chunk
 
@@ -141,7 +138,7 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
         parallel_spans(span_block, nk, x.size)
         return values, scales
     K = x.shape[-1]
-    nk = _ceil_div(K, g)
+    nk = ceil_div(K, g)
     rows = x.reshape(math.prod(x.shape[:-1]), K)
     vrows = values.reshape(rows.shape)
     scales = np.ones((rows.shape[0], nk), np.float32)
