@@ -16,6 +16,17 @@ from dshal.capabilities import CPU, BackendSpec, device_type_name
 _TORCH_NAMES = {**{code: name for name, code in arrays.TORCH_DEVICE_TYPES.items()}, 10: "cuda"}
 
 
+def _torch_accelerator() -> int | None:
+    """The DLPack code of the accelerator torch reports (``torch.accelerator``), or None."""
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    if acc is None or not acc.is_available():
+        return None
+    found = acc.current_accelerator()
+    return arrays.inspect("accelerator", torch.empty(0, device=found)).device[0]
+
+
 @dataclass(frozen=True)
 class Target:
     """The library and device a backend is certified on."""
@@ -25,9 +36,18 @@ class Target:
 
     @classmethod
     def for_backend(cls, spec: BackendSpec, device_id: int | None = None) -> Target:
-        """The backend's array kind, on its first accelerator device type (else the host)."""
+        """The backend's array kind on its first accelerator device type, else the host.
+
+        A torch backend serving several device types (the ``torch`` backend serves them all)
+        is certified on the accelerator torch reports when it serves that one, else on the
+        host when it serves it.
+        """
         remote = sorted(d for d in spec.device_types if d != CPU)
         kind = remote[0] if remote else CPU
+        if spec.array_kind == "torch" and len(spec.device_types) > 1:
+            present = _torch_accelerator()
+            kind = present if present in spec.device_types else \
+                CPU if CPU in spec.device_types else kind
         return cls(spec.array_kind, (kind, device_id or 0))
 
     def describe(self) -> str:

@@ -125,8 +125,8 @@ def _torch_to_numpy(t) -> np.ndarray:
 def _numpy_to_torch(a: np.ndarray):
     import torch
 
-    if any(s < 0 for s in a.strides):
-        a = np.ascontiguousarray(a)
+    if any(s < 0 for s in a.strides):  # a copy: ascontiguousarray keeps a negative stride
+        a = a.copy()  # on a length-1 axis, which torch.from_numpy refuses
     name = _dtype_str(a.dtype)
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         raw = torch.from_numpy(a.view(_INT_VIEW[a.dtype.itemsize]))
