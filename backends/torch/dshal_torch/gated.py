@@ -61,7 +61,7 @@ def _below(threshold: float, dtype: torch.dtype) -> float:
         return threshold
     with np.errstate(over="ignore"):
         t32 = np.float32(threshold)
-    if t32 > threshold:
+    if float(t32) > threshold:  # compared in float64: numpy would compare in float32
         t32 = np.nextafter(t32, np.float32(-np.inf))
     return float(t32)
 
