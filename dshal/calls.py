@@ -109,3 +109,15 @@ def resolve_count(spec: int | float, n: Any) -> Any:
     else:
         raise ValueError(f"a count must be an int or a float fraction, got {spec!r}")
     return int(k) if np.ndim(n) == 0 else k
+
+
+def selection_width(Lq: int, Lk: int, block_size: int, causal: bool, top_k: int | float) -> int:
+    """How many blocks the busiest query attends through ``top_k`` selection (its own block
+    included): the width of the indices ``sparse_attention`` returns, from shapes alone."""
+    nb = -(-Lk // block_size)
+    if Lq == 0 or nb == 0:
+        return 0
+    p = np.arange(Lq) + (Lk - Lq)
+    own = np.where((p >= 0) & (p < Lk), p // block_size, -1)
+    n_cand = np.maximum(own, 0) if causal else np.where(own >= 0, nb - 1, nb)
+    return int(np.max(resolve_count(top_k, n_cand) + (own >= 0)))

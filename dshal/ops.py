@@ -56,6 +56,20 @@ def _execute(plan: Plan, present: dict[str, Any], backend: str | None,
     return [arrays.from_kind(r, sig.library, like) for r in results], b
 
 
+def _autograd(*xs: Any) -> bool:
+    """Whether a call belongs to :mod:`dshal.torch`: torch tensors while ``torch.compile``
+    traces, or with grad enabled and a tensor that requires grad (never imports torch for
+    other arrays)."""
+    if type(xs[0]).__module__.partition(".")[0] != "torch":
+        return False
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
 def _call(op: str, arrs: dict[str, Any], options: dict[str, Any], backend: str | None) -> Any:
     plan, present = _plan(op, arrs, options)
     plan.check(present)
@@ -87,7 +101,17 @@ def sparse_attention(q: Any, k: Any, v: Any, *, top_k: int | float | None = None
     :param backend: force a backend by name.
     :return: out [B, Hq, Lq, Dv] in q's dtype, or the tuple (out, indices, lse) holding what was
         asked for. A query with no allowed key gives out = 0 and lse = -inf.
+
+    torch tensors that require grad (or a ``torch.compile`` trace) take the autograd path of
+    :mod:`dshal.torch`, with the same arguments and results.
     """
+    if _autograd(q, k, v):
+        from dshal import torch as dt
+
+        return dt.sparse_attention(q, k, v, top_k=top_k, block_size=block_size, window=window,
+                                   causal=causal, scale=scale, indices=indices,
+                                   return_indices=return_indices, return_lse=return_lse,
+                                   backend=backend)
     return _call("sparse_attention", {"q": q, "k": k, "v": v, "indices": indices},
                  {"top_k": top_k, "block_size": block_size, "window": window, "causal": causal,
                   "scale": scale, "return_indices": return_indices, "return_lse": return_lse},
@@ -107,6 +131,11 @@ def quantize(x: Any, precision: str, *, granularity: str = "row", group_size: in
     :return: ``(values, scales)`` in the caller's library; values are float8_e4m3fn,
         float8_e5m2 or int8 (ml_dtypes for numpy). Non-finite input raises ``ValueError``.
     """
+    if _autograd(x):
+        from dshal import torch as dt
+
+        return dt.quantize(x, precision, granularity=granularity, group_size=group_size,
+                           backend=backend)
     return _call("quantize", {"x": x},
                  {"precision": precision, "granularity": granularity, "group_size": group_size},
                  backend)
@@ -140,6 +169,13 @@ def gemm(a: Any, b: Any, *, precision: str | None = None, a_scale: Any = None,
         declared order, fastest first).
     :param return_info: also return ``{"precision", "estimated_error", "backend"}``.
     """
+    if _autograd(a, b, bias):
+        from dshal import torch as dt
+
+        return dt.gemm(a, b, precision=precision, a_scale=a_scale, b_scale=b_scale,
+                       group_size=group_size, bias=bias, out_dtype=out_dtype,
+                       tolerance=tolerance, candidates=candidates, return_info=return_info,
+                       backend=backend)
     return_info = check_bool("return_info", return_info)
     a_arr, a_scalar = _split_scale(a_scale)
     b_arr, b_scalar = _split_scale(b_scale)
@@ -188,6 +224,12 @@ def gated_channels(x: Any, gate_logits: Any, *, weight: Any = None, bias: Any = 
     :param return_mask: also return the open mask (bool, shape of ``gate_logits``).
     :return: y [..., C_out] in x's dtype, exactly 0 on closed channels (+ mask).
     """
+    if _autograd(x, gate_logits, weight, bias):
+        from dshal import torch as dt
+
+        return dt.gated_channels(x, gate_logits, weight=weight, bias=bias, mode=mode,
+                                 threshold=threshold, keep=keep, return_mask=return_mask,
+                                 backend=backend)
     return _call("gated_channels",
                  {"x": x, "gate_logits": gate_logits, "weight": weight, "bias": bias},
                  {"mode": mode, "threshold": threshold, "keep": keep,

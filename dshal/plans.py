@@ -57,6 +57,8 @@ class Plan:
 
     ``run(backend, kind, arrs, precision)`` converts ``arrs`` to ``kind``, runs the backend and
     returns the result in the caller's library; ``check(arrs)`` validates array values.
+    ``options`` holds resolved options a caller needs (gemm's auto settings, quantize's result
+    dtype and scales shape).
     """
 
     sig: Signature
@@ -225,7 +227,9 @@ def plan_quantize(metas: dict[str, ArrayMeta], *, precision, granularity="row",
             _expect(b, "scales", scales, scales_shape, "float32")
         return [values, scales]
 
-    return Plan(sig, run, check)
+    # what a caller needs to describe the result without running it (torch's fake tensors)
+    result = (("values_dtype", out_dtype), ("scales_shape", scales_shape))
+    return Plan(sig, run, check, result)
 
 
 # --- gemm -------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""dshal for PyTorch training: the operators as ``torch.ops.dshal.*`` custom ops with autograd.
+
+``import dshal.torch`` registers ``torch.ops.dshal.sparse_attention``, ``.gemm``, ``.quantize``
+and ``.gated_channels`` with ``torch.library`` (each with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces them without a graph break, and an autograd formula).
+The functions below have the signatures of :mod:`dshal.ops` and return what those return;
+``dshal.ops.*`` itself routes here when a tensor requires grad or when ``torch.compile`` is
+tracing. Each forward runs through dshal's dispatch (the backend serving the tensors' device);
+the backward passes are torch primitives on the same device (``docs/torch.md``):
+
+- sparse_attention: dq, dk, dv over each query's allowed set, the selection held constant;
+  masked rows give zero gradients; no Lq x Lk matrix is formed.
+- gemm: straight-through quantisation, gradients of the exact product in fp32.
+- gated_channels: exact for ``soft``; straight-through (sigmoid'(logit)) on open channels for
+  ``hard`` and ``soft_hard``; closed channels pass no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dshal.dtypes import PRECISIONS
+from dshal.torch import library  # registers torch.ops.dshal.*
+from dshal.validate import check_count_or_fraction
+
+__all__ = ["gated_channels", "gemm", "quantize", "sparse_attention"]
+
+
+def _split(value: int | float | None) -> tuple[int | None, float | None]:
+    """An int count or float fraction as the (count, fraction) pair of the op schemas."""
+    value = check_count_or_fraction("top_k/keep", value)
+    return (value, None) if isinstance(value, int) else (None, value)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     top_k: int | float | None = None, block_size: int = 64, window: int = 0,
+                     causal: bool = False, scale: float | None = None,
+                     indices: torch.Tensor | None = None, return_indices: bool = False,
+                     return_lse: bool = False, backend: str | None = None) -> Any:
+    """:func:`dshal.ops.sparse_attention` with autograd."""
+    count, fraction = _split(top_k)
+    out, sel, lse = torch.ops.dshal.sparse_attention(q, k, v, indices, count, fraction,
+                                                     block_size, window, causal, scale, backend)
+    if return_indices and top_k is None and indices is None:
+        raise ValueError("return_indices=True needs top_k or indices: without a selection "
+                         "there are no indices to return")
+    extra = [x for x, wanted in ((sel, return_indices), (lse, return_lse)) if wanted]
+    return (out, *extra) if extra else out
+
+
+def quantize(x: torch.Tensor, precision: str, *, granularity: str = "row",
+             group_size: int = 128, backend: str | None = None) -> tuple[Any, Any]:
+    """:func:`dshal.ops.quantize`; float precisions pass gradients straight through."""
+    values, scales = torch.ops.dshal.quantize(x, precision, granularity, group_size, backend)
+    return values, (scales if values.dtype not in library._FLOATS else None)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, precision: str | None = None,
+         a_scale: Any = None, b_scale: Any = None, group_size: int = 128,
+         bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+         tolerance: float | None = None, candidates: Sequence[str] | None = None,
+         return_info: bool = False, backend: str | None = None) -> Any:
+    """:func:`dshal.ops.gemm` with straight-through gradients for a, b and bias."""
+    a_arr, a_val = _scale(a_scale)
+    b_arr, b_val = _scale(b_scale)
+    joined = None
+    if candidates is not None:
+        if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
+            raise TypeError(f"candidates must be a list of precisions, got {candidates!r}")
+        joined = ",".join(candidates)
+    out, chosen, err = torch.ops.dshal.gemm(a, b, bias, a_arr, b_arr, a_val, b_val, precision,
+                                            group_size, out_dtype, tolerance, joined, backend)
+    if not return_info:
+        return out
+    from dshal import ops
+
+    sig = ops.signature("gemm", a.detach(), b.detach(), precision=PRECISIONS[int(chosen)],
+                        bias=None if bias is None else bias.detach(), a_scale=a_arr,
+                        b_scale=b_arr, group_size=group_size, out_dtype=out_dtype)
+    from dshal import dispatch
+
+    estimated = float(err)
+    return out, {"precision": PRECISIONS[int(chosen)],
+                 "estimated_error": None if estimated < 0 else estimated,
+                 "backend": dispatch.decide(sig, backend).backend}
+
+
+def gated_channels(x: torch.Tensor, gate_logits: torch.Tensor, *,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   mode: str = "hard", threshold: float = 0.0, keep: int | float | None = None,
+                   return_mask: bool = False, backend: str | None = None) -> Any:
+    """:func:`dshal.ops.gated_channels` with autograd (see the module docstring)."""
+    count, fraction = _split(keep)
+    y, mask = torch.ops.dshal.gated_channels(x, gate_logits, weight, bias, mode,
+                                             float(threshold), count, fraction, backend)
+    return (y, mask) if return_mask else y
+
+
+def _scale(scale: Any) -> tuple[torch.Tensor | None, float | None]:
+    if isinstance(scale, torch.Tensor):
+        return scale, None
+    return None, None if scale is None else float(scale)
+
