@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 import dshal  # noqa: E402
 from dshal import reference as ref  # noqa: E402
 from dshal.arrays import to_kind  # noqa: E402
-from dshal.calls import GatedCall, GemmCall, QuantizeCall  # noqa: E402
+from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall  # noqa: E402
 from dshal.capabilities import FEATURES, Signature  # noqa: E402
 from dshal.dtypes import PRECISIONS  # noqa: E402
 from dshal.registry import registry  # noqa: E402
@@ -457,3 +457,29 @@ def test_ascend_cpu_mode_serves_torch_cpu_tensors(monkeypatch):
     monkeypatch.setenv(ascend_device.ENV, "gpu")
     info = ascend_plugin.dshal_device_probe()
     assert not info.present and "DSHAL_ASCEND_DEVICE='gpu' (allowed: npu, cpu" in info.reason
+
+
+# --- sparse attention: the run hook is dshal.torch.attention ----------------------------------
+
+
+def test_attention_hook_runs_dshal_torch_attention():
+    from dshal.torch import attention
+
+    rng = np.random.default_rng(12)
+    q = _tensor(rng, (2, 33, 8, 16)).transpose(1, 2)  # non-contiguous [2, 8, 33, 16]
+    k, v = _tensor(rng, (2, 2, 40, 16)), _tensor(rng, (2, 2, 40, 8))
+    v[0, 0, 39] = float("nan")  # the last key: outside the causal view of early queries
+    out, idx, lse = dshal.ops.sparse_attention(q, k, v, top_k=2, block_size=8, window=4,
+                                               causal=True, return_indices=True,
+                                               return_lse=True, backend="torch")
+    assert out.dtype == q.dtype and idx.dtype == torch.int64 and lse.dtype == torch.float32
+    call = AttentionCall(q, k, v, 2, 8, 4, True, 0.25, None, True, True)
+    for got, want in zip((out, idx, lse), attention.sparse_attention(call)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # bitwise
+    want_out, _, want_lse = ref.sparse_attention(q.numpy(), k.numpy(), v.numpy(),
+                                                 indices=idx.numpy(), block_size=8, window=4,
+                                                 causal=True, scale=0.25)
+    finite = np.isfinite(want_out)
+    assert (np.isnan(out.numpy()) == ~finite).all()  # NaN only where the NaN value is allowed
+    np.testing.assert_allclose(out.numpy()[finite], want_out[finite], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-5)
