@@ -28,6 +28,7 @@ from dshal.backends.numpy import plugin
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import FEATURES, BackendSpec, DeviceInfo
 from dshal.dtypes import DTYPE_UNIT_ROUNDOFF, PRECISIONS, UNIT_ROUNDOFF
+from tests import op_cases
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FLOATS = [np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64)]
@@ -303,36 +304,13 @@ def test_attention_threaded_units_match_and_rerun_bitwise(monkeypatch):
 # --- quantize ---------------------------------------------------------------------------------
 
 
-def _bits(x: np.ndarray) -> np.ndarray:
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_quantize_bitwise_equals_reference(precision):
-    rng = np.random.default_rng(8)
-    shapes = {"row": [(3, 5, 200), (4, 0), (1, 1)], "block": [(257, 130), (0, 5), (3, 1)],
-              "tensor": [(33, 7), (), (0,)]}
-    for dtype in FLOATS:
-        for gran, cases in shapes.items():
-            for shape in cases:
-                big = 1e3 if dtype == np.float16 else 1e20
-                x = rng.standard_normal(shape) * rng.choice([1e-30, 1e-3, 1, 300, big])
-                if x.size > 4:
-                    x.flat[:4] = [0, -0.0, x.flat[4] * 60, -x.flat[4]]  # amax, saturation
-                if len(shape) == 2 and shape[-1] >= 16:
-                    x[:, :16] = 0  # a group with amax = 0
-                x = x.astype(dtype)
-                for g in (1, 16, 128, 300):
-                    values, scales = gemm_mod.quantize(QuantizeCall(x, precision, gran, g))
-                    r_values, r_scales = ref.quantize(x, precision, granularity=gran,
-                                                      group_size=g)
-                    assert values.dtype == r_values.dtype and values.shape == x.shape
-                    np.testing.assert_array_equal(_bits(values), _bits(r_values))
-                    if r_scales is None:
-                        assert scales is None
-                    else:
-                        assert scales.dtype == np.float32 and scales.shape == r_scales.shape
-                        np.testing.assert_array_equal(scales, r_scales)
+    for gran, x in op_cases.quantize_inputs(np.random.default_rng(8), FLOATS):
+        for g in op_cases.GROUP_SIZES:
+            values, scales = gemm_mod.quantize(QuantizeCall(x, precision, gran, g))
+            op_cases.check_quantize(x, precision, gran, g, values, scales)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
@@ -489,46 +467,14 @@ def run_gated(x, z, *, weight=None, bias=None, mode="hard", threshold=0.0, keep=
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "soft_hard"])
 def test_gated_channels_against_reference(mode):
-    rng = np.random.default_rng(15)
-    for dtype in FLOATS:
-        for keep in (None, 0, 3, 0.3, 1.0):
-            if keep is not None and mode == "soft":
-                continue
-            for with_weight in (False, True):
-                for row_gates in (False, True):
-                    x = rng.standard_normal((4, 3, 17)).astype(dtype)
-                    c_out = 9 if with_weight else 17
-                    w = rng.standard_normal((c_out, 17)).astype(dtype) if with_weight else None
-                    bias = rng.standard_normal(c_out).astype(dtype) if with_weight else None
-                    z = rng.standard_normal((4, 3, c_out) if row_gates else (c_out,)) * 3
-                    z[..., :4] = [np.nan, 1e4, -1e4, 0.5]  # NaN closed/last, huge logits
-                    z[..., 5] = z[..., 6]  # a tie
-                    z = z.astype(dtype)
-                    threshold = 0.5 if keep is None else 0.0
-                    is_open = ref.gate_open(z, mode=mode, threshold=threshold, keep=keep)
-                    if with_weight and not row_gates:
-                        w[~is_open] = np.nan  # closed rows must never be read
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("error")  # stable sigmoid: no overflow warnings
-                        y, mask = run_gated(x, z, weight=w, bias=bias, mode=mode,
-                                            threshold=threshold, keep=keep)
-                    r_y, r_mask = ref.gated_channels(x, z, weight=w, bias=bias, mode=mode,
-                                                     threshold=threshold, keep=keep)
-                    np.testing.assert_array_equal(mask, r_mask)
-                    got = y.astype(np.float64)
-                    assert np.array_equal(np.isnan(got), np.isnan(r_y))
-                    closed = ~np.broadcast_to(r_mask, r_y.shape)
-                    assert (got[closed] == 0).all(), "closed channels must be exactly 0"
-                    u_acc = U64 if dtype == np.float64 else U32
-                    mag = np.abs(x.astype(np.float64))
-                    if with_weight:
-                        mag = mag @ np.nan_to_num(np.abs(w.astype(np.float64))).T
-                    if with_weight:
-                        mag = mag + np.abs(bias.astype(np.float64))
-                    ok = ~np.isnan(r_y)
-                    bound = 4 * (_u(dtype) * np.abs(r_y) + u_acc * 8 * mag)
-                    assert (np.abs(got - r_y)[ok] <= np.broadcast_to(bound, r_y.shape)[ok]
-                            ).all()
+    for case in op_cases.gated_cases(mode, np.random.default_rng(15), FLOATS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # stable sigmoid: no overflow warnings
+            y, mask = run_gated(case["x"], case["gate_logits"], weight=case["weight"],
+                                bias=case["bias"], mode=mode, threshold=case["threshold"],
+                                keep=case["keep"])
+        op_cases.check_gated(case, y, mask,
+                             u_acc=U64 if case["x"].dtype == np.float64 else U32)
 
 
 def test_gated_channels_nan_in_closed_rows_never_leaks():

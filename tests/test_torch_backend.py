@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -28,6 +29,7 @@ from dshal.capabilities import FEATURES, Signature  # noqa: E402
 from dshal.dtypes import PRECISIONS  # noqa: E402
 from dshal.registry import registry  # noqa: E402
 from dshal_conformance.devices import Target  # noqa: E402
+from tests import op_cases  # noqa: E402
 
 _BACKEND = registry.backends().get("torch")
 if _BACKEND is None or not _BACKEND.available:
@@ -41,6 +43,9 @@ from dshal_torch import gated, gemm, numerics, plugin, quantize  # noqa: E402
 
 U32, U64 = 2.0**-24, 2.0**-53
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the same dtypes as host (numpy / ml_dtypes) dtypes
+HOST_FLOATS = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32),
+               np.dtype(np.float64)]
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: U32,
         torch.float64: U64}
 
@@ -54,45 +59,19 @@ def _tensor(rng, shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal(shape) * scale).to(dtype)
 
 
-def _bits(x: np.ndarray) -> np.ndarray:
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
 
 # --- quantize -------------------------------------------------------------------------------
 
 
-def _quantize_cases(rng):
-    shapes = {"row": [(3, 5, 200), (4, 0), (0, 7), (1, 1)],
-              "block": [(257, 130), (0, 5), (3, 1)], "tensor": [(33, 7), (), (0,)]}
-    for dtype in FLOATS:
-        for granularity, cases in shapes.items():
-            for shape in cases:
-                big = 1e3 if dtype == torch.float16 else 1e20
-                x = rng.standard_normal(shape) * rng.choice([1e-30, 1e-3, 1, 300, big])
-                if x.size > 4:
-                    x.flat[:4] = [0, -0.0, x.flat[4] * 60, -x.flat[4]]  # amax, saturation
-                if len(shape) == 2 and shape[-1] >= 16:
-                    x[:, :16] = 0  # a group whose amax is 0: scale 1
-                yield granularity, torch.from_numpy(np.asarray(x)).to(dtype)
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_quantize_bitwise_equals_reference(precision):
-    rng = np.random.default_rng(1)
-    for granularity, x in _quantize_cases(rng):
-        for g in (1, 16, 128, 300):
-            values, scales = quantize.quantize(QuantizeCall(x, precision, granularity, g))
-            want_v, want_s = ref.quantize(_np(x), precision, granularity=granularity,
-                                          group_size=g)
-            got = _np(values)
-            assert got.dtype == want_v.dtype and got.shape == x.shape
-            assert values.device == x.device
-            np.testing.assert_array_equal(_bits(got), _bits(want_v))
-            if want_s is None:
-                assert scales is None
-            else:
-                assert scales.dtype == torch.float32 and tuple(scales.shape) == want_s.shape
-                np.testing.assert_array_equal(scales.numpy(), want_s)
+    for granularity, x in op_cases.quantize_inputs(np.random.default_rng(1), HOST_FLOATS):
+        t = to_kind(x, "torch")
+        for g in op_cases.GROUP_SIZES:
+            values, scales = quantize.quantize(QuantizeCall(t, precision, granularity, g))
+            assert values.device == t.device
+            op_cases.check_quantize(x, precision, granularity, g, _np(values),
+                                    None if scales is None else scales.numpy())
 
 
 def test_quantize_noncontiguous_and_fresh_result():
@@ -105,7 +84,7 @@ def test_quantize_noncontiguous_and_fresh_result():
                 values, scales = quantize.quantize(QuantizeCall(x, precision, granularity, 32))
                 want_v, want_s = ref.quantize(x.numpy(), precision, granularity=granularity,
                                               group_size=32)
-                np.testing.assert_array_equal(_bits(_np(values)), _bits(want_v))
+                np.testing.assert_array_equal(op_cases.bits(_np(values)), op_cases.bits(want_v))
                 if want_s is not None:
                     np.testing.assert_array_equal(scales.numpy(), want_s)
     fp32, _ = quantize.quantize(QuantizeCall(base, "fp32", "row", 128))
@@ -121,7 +100,7 @@ def test_tf32_rounding_on_every_tie_and_special_value():
     x = np.concatenate([x, np.float32([np.inf, -np.inf, np.nan, 3.4028235e38, -0.0, 1e-45])])
     got = numerics.round_float(torch.from_numpy(x), "tf32")
     want = ref.round_to_precision(x, "tf32")
-    np.testing.assert_array_equal(_bits(got.numpy()), _bits(want))
+    np.testing.assert_array_equal(op_cases.bits(got.numpy()), op_cases.bits(want))
 
 
 def test_quantize_refuses_float64_beyond_float32():
@@ -297,53 +276,15 @@ def run_gated(x, z, *, weight=None, bias=None, mode="hard", threshold=0.0, keep=
     return y, mask
 
 
-def _gated_inputs(rng, dtype, with_weight, row_gates, mode, keep):
-    x = _tensor(rng, (4, 3, 17), dtype)
-    c_out = 9 if with_weight else 17
-    w = _tensor(rng, (c_out, 17), dtype) if with_weight else None
-    bias = _tensor(rng, (c_out,), dtype) if with_weight else None
-    z = rng.standard_normal((4, 3, c_out) if row_gates else (c_out,)) * 3
-    z[..., :4] = [np.nan, 1e4, -1e4, 0.5]  # NaN closed and last, huge logits
-    z[..., 5] = z[..., 6]  # a tie
-    z = torch.from_numpy(z).to(dtype)
-    threshold = 0.5 if keep is None else 0.0
-    if with_weight and not row_gates:  # closed rows must never be read
-        closed = ~ref.gate_open(_np(z), mode=mode, threshold=threshold, keep=keep)
-        w[torch.from_numpy(closed)] = float("nan")
-    return x, z, w, bias, threshold
-
-
 @pytest.mark.parametrize("mode", ["hard", "soft", "soft_hard"])
 def test_gated_channels_against_reference(mode):
-    rng = np.random.default_rng(9)
-    for dtype in FLOATS:
-        for keep in (None, 0, 3, 0.3, 1.0):
-            if keep is not None and mode == "soft":
-                continue
-            for with_weight in (False, True):
-                for row_gates in (False, True):
-                    x, z, w, bias, threshold = _gated_inputs(rng, dtype, with_weight,
-                                                             row_gates, mode, keep)
-                    y, mask = run_gated(x, z, weight=w, bias=bias, mode=mode,
-                                        threshold=threshold, keep=keep)
-                    want, want_mask = ref.gated_channels(
-                        _np(x), _np(z), weight=None if w is None else _np(w),
-                        bias=None if bias is None else _np(bias), mode=mode,
-                        threshold=threshold, keep=keep)
-                    np.testing.assert_array_equal(mask.numpy(), want_mask)
-                    got = _np(y).astype(np.float64)
-                    assert np.array_equal(np.isnan(got), np.isnan(want))
-                    closed = ~np.broadcast_to(want_mask, want.shape)
-                    assert (got[closed] == 0).all(), "closed channels must be exactly 0"
-                    mag = np.abs(_np(x).astype(np.float64))
-                    if with_weight:
-                        mag = mag @ np.nan_to_num(np.abs(_np(w).astype(np.float64))).T \
-                            + np.abs(_np(bias).astype(np.float64))
-                    u_acc = U64 if dtype == torch.float64 else U32
-                    bound = np.broadcast_to(4 * (UNIT[dtype] * np.abs(want) + 8 * u_acc * mag),
-                                            want.shape)
-                    ok = ~np.isnan(want)
-                    assert (np.abs(got - want)[ok] <= bound[ok]).all()
+    for case in op_cases.gated_cases(mode, np.random.default_rng(9), HOST_FLOATS):
+        t = {k: v if not isinstance(v, np.ndarray) else to_kind(v, "torch")
+             for k, v in case.items()}
+        y, mask = run_gated(t["x"], t["gate_logits"], weight=t["weight"], bias=t["bias"],
+                            mode=mode, threshold=case["threshold"], keep=case["keep"])
+        op_cases.check_gated(case, _np(y), mask.numpy(),
+                             u_acc=U64 if case["x"].dtype == np.float64 else U32)
 
 
 def test_gated_threshold_is_compared_exactly():
