@@ -424,3 +424,18 @@ def test_attention_hook_runs_dshal_torch_attention():
     assert (np.isnan(out.numpy()) == ~finite).all()  # NaN only where the NaN value is allowed
     np.testing.assert_allclose(out.numpy()[finite], want_out[finite], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-5)
+
+
+def test_attention_hook_runs_in_ieee_fp32(monkeypatch):
+    from dshal.torch import attention
+
+    matmul, seen = torch.backends.mkldnn.matmul, []
+    monkeypatch.setattr(attention, "sparse_attention",
+                        lambda call: seen.append(matmul.fp32_precision) or ("out", None, None))
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        assert plugin.dshal_sparse_attention_run(None) == ("out", None, None)
+        assert seen == ["ieee"] and matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

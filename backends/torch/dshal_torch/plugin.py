@@ -76,9 +76,13 @@ def dshal_call_check(signature: Signature) -> list[str]:
 
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
+    """dshal's torch attention (:mod:`dshal.torch.attention`), its float32 products in IEEE
+    fp32 whatever TF32/HF32 settings the caller made."""
     from dshal.torch.attention import sparse_attention
+    from dshal_torch.numerics import ieee_fp32
 
-    return sparse_attention(call)
+    with ieee_fp32():
+        return sparse_attention(call)
 
 
 @hookimpl
