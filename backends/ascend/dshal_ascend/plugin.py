@@ -9,9 +9,10 @@ CPU tensors instead (priority -20, so automatic dispatch never prefers it): the 
 way to certify the generic path on a machine without an NPU.
 
 Declared: float16, bfloat16, float32 and the precisions fp32, tf32, bf16, fp16 and int8 —
-not float64 (Ascend's vector and cube units have no float64 arithmetic) and not fp8 (the
-float8 dtypes are not supported across torch_npu versions and chips). The CPU mode declares
-the same, so its certificate covers exactly the NPU declaration.
+not float64 (Ascend's AI cores have no float64 units; such ops, where they exist, run on the
+AI CPU) and not fp8 (the float8 dtypes are not supported across torch_npu versions and
+chips). The CPU mode declares the same, so its certificate covers exactly the NPU
+declaration.
 """
 
 from __future__ import annotations
