@@ -299,7 +299,7 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scal
         e = torch.where(allowed, torch.exp(s - m), 0)
         total = e.sum(dim=-1, keepdim=True)
         lse = torch.where(some[..., 0], (m + torch.log(total))[..., 0], -math.inf)
-        return e / torch.where(total == 0, 1, total), lse
+        return torch.where(allowed, e / torch.where(total == 0, 1, total), 0), lse
     shift = torch.where(torch.isfinite(lse), lse, 0)[..., None]
     return (torch.where(allowed, torch.exp(s - shift), 0),)
 
@@ -345,10 +345,11 @@ def backward(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: to
         if grad_out is not None:
             go = _rows(grad_out, tile, geo, cdt)
             dp = torch.where(allowed, go @ _keys(v, tile, cdt).transpose(-1, -2), 0)
-            ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+            # where, not a product: a row whose softmax is NaN must keep 0 where masked
+            ds = torch.where(allowed, p * (dp - (p * dp).sum(dim=-1, keepdim=True)), 0)
             _accumulate(dv, tile, _safe_mm(p.transpose(-1, -2), go, allowed.T))
         if grad_lse is not None:
-            ds = ds + p * _rows(grad_lse[..., None], tile, geo, cdt)
+            ds = ds + torch.where(allowed, p * _rows(grad_lse[..., None], tile, geo, cdt), 0)
         dq_t = geo.scale * _safe_mm(ds, kt, allowed)
         n = tile.i1 - tile.i0
         dq5[tile.lead][:, :, :, tile.i0:tile.i1] = dq_t.unflatten(-2, (geo.g, n))
