@@ -298,3 +298,13 @@ def test_float64_results_agree_with_the_reference():
     np.testing.assert_allclose(out.detach().numpy(), want, atol=1e-12)
     np.testing.assert_array_equal(idx.numpy(), want_idx)
     np.testing.assert_allclose(lse.detach().numpy(), want_lse, atol=1e-6)
+
+
+def test_every_channel_closed_gives_zero_gradients():
+    x, w, b = _randn(2, 3, 7), _randn(6, 7), _randn(6)
+    logits = torch.full((6,), -1.0, dtype=torch.float64, requires_grad=True)
+    y = dt.gated_channels(x, logits, weight=w, bias=b, mode="soft_hard")
+    y.sum().backward()
+    assert (y == 0).all()
+    for t in (x, w, b, logits):
+        assert (t.grad == 0).all()

@@ -18,6 +18,7 @@ reads a closed weight row either).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -118,7 +119,7 @@ def gemm_backward(grad: Tensor, a: Tensor, b: Tensor, a_scale: Tensor | float | 
     empty dbias without a bias)."""
     cdt = _cdt(a, b, grad)
     gc = grad.to(cdt)
-    rows = gc.reshape(-1, gc.shape[-1])
+    rows = gc.reshape(math.prod(gc.shape[:-1]), gc.shape[-1])
     da = a.new_zeros(a.shape)
     if a.dtype in _FLOATS:
         b_op = operand(b, b_scale, precision, "block", g, cdt)
@@ -126,7 +127,7 @@ def gemm_backward(grad: Tensor, a: Tensor, b: Tensor, a_scale: Tensor | float | 
     db = b.new_zeros(b.shape)
     if b.dtype in _FLOATS:
         a_op = operand(a, a_scale, precision, "row", g, cdt)
-        db = (a_op.reshape(-1, a_op.shape[-1]).T @ rows).to(b.dtype)
+        db = (a_op.reshape(rows.shape[0], a_op.shape[-1]).T @ rows).to(b.dtype)
     dbias = rows.sum(dim=0).to(grad.dtype) if has_bias else grad.new_empty(0)
     return da, db, dbias
 
@@ -152,7 +153,8 @@ def gated_backward(grad_y: Tensor, x: Tensor, logits: Tensor, weight: Tensor | N
         dweight = x.new_empty(0)
         dbias = x.new_empty(0)
     else:
-        lead = mask.reshape(-1, mask.shape[-1]).any(dim=0)  # open in some row
+        lead = mask.reshape(math.prod(mask.shape[:-1]), mask.shape[-1]).any(dim=0)  # open in
+        # some row
         cols = torch.nonzero(lead).flatten()
         w_open = weight.index_select(0, cols).to(cdt)  # closed rows are never read
         g_cols = g_open.index_select(-1, cols)
@@ -162,7 +164,8 @@ def gated_backward(grad_y: Tensor, x: Tensor, logits: Tensor, weight: Tensor | N
             part = part + bias.index_select(0, cols).to(cdt)
         pre.index_copy_(-1, cols, part)
         dx = g_cols @ w_open
-        flat_g, flat_x = g_cols.reshape(-1, cols.numel()), xc.reshape(-1, xc.shape[-1])
+        rows = math.prod(x.shape[:-1])
+        flat_g, flat_x = g_cols.reshape(rows, cols.numel()), xc.reshape(rows, x.shape[-1])
         dweight = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
         dweight.index_copy_(0, cols, flat_g.T @ flat_x)
         dweight = dweight.to(weight.dtype)
@@ -173,5 +176,5 @@ def gated_backward(grad_y: Tensor, x: Tensor, logits: Tensor, weight: Tensor | N
     slope = gy * pre * sig * (1 - sig)
     dz = slope if mode == "soft" else torch.where(open_, slope, 0)
     if logits.ndim < dz.ndim:  # static gates: every row contributes
-        dz = dz.reshape(-1, dz.shape[-1]).sum(dim=0)
+        dz = dz.reshape(math.prod(dz.shape[:-1]), dz.shape[-1]).sum(dim=0)
     return dx.to(x.dtype), dz.to(logits.dtype), dweight, dbias
