@@ -308,3 +308,17 @@ def test_every_channel_closed_gives_zero_gradients():
     assert (y == 0).all()
     for t in (x, w, b, logits):
         assert (t.grad == 0).all()
+
+
+@pytest.mark.parametrize("a_scale_shape", [(), (3, 1), (3, 3)])
+def test_gemm_gradient_of_b_with_stored_int8_a(a_scale_shape):
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-127, 128, (3, 40), dtype=torch.int8, generator=gen)
+    a_scale = torch.rand(a_scale_shape, generator=gen) + 0.5
+    b = _randn(40, 9, dtype=torch.float32)
+    out = dt.gemm(a, b, precision="int8", a_scale=a_scale, group_size=16)
+    out.sum().backward()
+    a_op, _ = ref.gemm_operands(a.numpy(), b.detach().numpy(), "int8",
+                                a_scale=a_scale.numpy(), group_size=16)
+    want = torch.from_numpy(a_op).T @ torch.ones(3, 9, dtype=torch.float64)
+    torch.testing.assert_close(b.grad.double(), want, rtol=1e-5, atol=1e-5)

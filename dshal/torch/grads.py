@@ -70,33 +70,37 @@ def _expand_groups(s: Tensor, g: int, size: int, dim: int) -> Tensor:
     return s.repeat_interleave(g, dim=dim).narrow(dim, 0, size)
 
 
+def _dequantize(values: Tensor, scale: Tensor | float | None, cdt: torch.dtype,
+                expand: Any) -> Tensor:
+    """``values * scale`` in ``cdt``; a scale array is first expanded to values' shape by
+    ``expand(scale, values)``."""
+    x = values.to(cdt)
+    if scale is None:
+        return x
+    if not isinstance(scale, Tensor):
+        return x * scale
+    s = scale.to(cdt)
+    return x * (s if s.ndim == 0 else expand(s, x))
+
+
 def dequantize_a(values: Tensor, scale: Tensor | float | None, g: int, cdt: torch.dtype
                  ) -> Tensor:
     """``values * a_scale`` for a [..., M, K]: scale scalar, [..., M, 1] or [..., M, ceil(K/g)]."""
-    a = values.to(cdt)
-    if scale is None:
-        return a
-    if not isinstance(scale, Tensor) or scale.ndim == 0:
-        return a * (scale.to(cdt) if isinstance(scale, Tensor) else scale)
-    s = scale.to(cdt)
-    if s.shape[-1] != 1:
-        s = _expand_groups(s, g, a.shape[-1], -1)
-    return a * s
+    return _dequantize(values, scale, cdt, lambda s, a: s if s.shape[-1] == 1 else
+                       _expand_groups(s, g, a.shape[-1], -1))
 
 
 def dequantize_b(values: Tensor, scale: Tensor | float | None, g: int, cdt: torch.dtype
                  ) -> Tensor:
     """``values * b_scale`` for b [K, N]: scale scalar, [1, N] or [ceil(K/g), ceil(N/g)]."""
-    b = values.to(cdt)
-    if scale is None:
-        return b
-    if not isinstance(scale, Tensor) or scale.ndim == 0:
-        return b * (scale.to(cdt) if isinstance(scale, Tensor) else scale)
-    s = scale.to(cdt)
-    K, N = b.shape
-    if s.shape[0] != 1 or s.shape[1] not in (1, N):  # per block
-        s = _expand_groups(_expand_groups(s, g, K, 0), g, N, 1)
-    return b * s
+
+    def expand(s: Tensor, b: Tensor) -> Tensor:
+        K, N = b.shape
+        if s.shape[0] == 1 and s.shape[1] in (1, N):  # per column (or one value)
+            return s
+        return _expand_groups(_expand_groups(s, g, K, 0), g, N, 1)  # per block
+
+    return _dequantize(values, scale, cdt, expand)
 
 
 def operand(x: Tensor, scale: Tensor | float | None, precision: str, granularity: str,
