@@ -31,8 +31,10 @@ from dshal.calls import AttentionCall, resolve_count
 
 #: score elements (rows x keys) one tile may hold
 _TILE_ELEMS = 1 << 22
-#: query rows per tile when a selection makes each (batch, kv head) its own tile
+#: query rows per tile of a call with a selection
 _SEL_ROWS = 64
+#: the fixed cost of one tile (Python, kernel launches), counted in score elements
+_TILE_OVERHEAD = 1 << 15
 #: query rows per selection-score chunk
 _SCORE_ROWS = 2048
 
@@ -173,8 +175,9 @@ def mask_to_indices(sel: torch.Tensor, width: int | None = None) -> torch.Tensor
 
 @dataclass(frozen=True)
 class Tile:
-    """Query rows [i0, i1) of the (batch, kv head) pairs ``lead`` (slices), the keys they may
-    touch (a slice or an index tensor) and the allowed mask [rows, keys]."""
+    """Query rows [i0, i1) of the (batch, kv head) pairs ``lead`` (two slices), the keys they may
+    touch (a slice or an index tensor) and the allowed mask: [rows, keys] when it is the same
+    for every pair, else [lead..., rows, keys]."""
 
     lead: tuple[slice, slice]
     i0: int
@@ -183,33 +186,44 @@ class Tile:
     allowed: torch.Tensor
 
 
+_EVERY = (slice(None), slice(None))
+
+
 def tiles(geo: Geometry, sel: torch.Tensor | None, device: torch.device) -> Iterator[Tile]:
-    """Every tile of a call. Without a selection one tile spans every (batch, kv head); with one,
-    each pair has its own tiles (their gathered keys differ)."""
+    """Every tile of a call. Without a selection a tile spans every (batch, kv head) pair (they
+    share their keys). With one, a row range is one tile over every pair when the union of the
+    pairs' blocks costs less than a tile per pair would, else one tile per pair."""
     if geo.Lq == 0 or geo.Lk == 0 or geo.B * geo.Hkv == 0:
         return
     if sel is None:
-        every = (slice(None), slice(None))
         span = geo.Lk if geo.window == 0 else min(geo.Lk, 2 * geo.window)
         rows = max(1, min(geo.Lq, _TILE_ELEMS // max(1, geo.B * geo.Hq * span)))
         for i0 in range(0, geo.Lq, rows):
-            tile = _tile(geo, every, i0, min(geo.Lq, i0 + rows), None, device)
+            tile = _tile(geo, _EVERY, i0, min(geo.Lq, i0 + rows), None, device)
             if tile is not None:
                 yield tile
         return
-    for b in range(geo.B):
-        for t in range(geo.Hkv):
-            lead = (slice(b, b + 1), slice(t, t + 1))
-            for i0 in range(0, geo.Lq, _SEL_ROWS):
-                i1 = min(geo.Lq, i0 + _SEL_ROWS)
-                tile = _tile(geo, lead, i0, i1, sel[b, t, i0:i1], device)
-                if tile is not None:
-                    yield tile
+    pairs = geo.B * geo.Hkv
+    for i0 in range(0, geo.Lq, _SEL_ROWS):
+        i1 = min(geo.Lq, i0 + _SEL_ROWS)
+        part = sel[:, :, i0:i1].any(dim=2)  # [B, Hkv, nb]: blocks each pair's rows use
+        union, each = int(part.any(dim=(0, 1)).sum()), int(part.sum())
+        if pairs * union * geo.block_size * (i1 - i0) <= \
+                each * geo.block_size * (i1 - i0) + (pairs - 1) * _TILE_OVERHEAD:
+            leads = [_EVERY]
+        else:
+            leads = [(slice(b, b + 1), slice(t, t + 1)) for b in range(geo.B)
+                     for t in range(geo.Hkv)]
+        for lead in leads:
+            tile = _tile(geo, lead, i0, i1, sel[lead][:, :, i0:i1], device)
+            if tile is not None:
+                yield tile
 
 
 def _tile(geo: Geometry, lead: tuple[slice, slice], i0: int, i1: int,
           sel: torch.Tensor | None, device: torch.device) -> Tile | None:
-    """The tile of rows [i0, i1); None when none of its queries may see any key."""
+    """The tile of rows [i0, i1) of ``lead`` (``sel``: their selection [lead..., rows, nb]);
+    None when none of its queries may see any key."""
     p0, p1 = i0 + geo.offset, i1 - 1 + geo.offset  # first and last position
     vis_end = min(geo.Lk, p1 + 1) if geo.causal else geo.Lk  # keys [0, vis_end) visible
     if geo.window > 0:
@@ -220,12 +234,12 @@ def _tile(geo: Geometry, lead: tuple[slice, slice], i0: int, i1: int,
         w_lo, w_hi = 0, 0
     bs = geo.block_size
     if sel is None:
-        keys: slice | torch.Tensor = slice(w_lo, max(w_lo, w_hi))
         if w_hi <= w_lo:
             return None
+        keys: slice | torch.Tensor = slice(w_lo, w_hi)
         j = torch.arange(w_lo, w_hi, device=device)
     else:
-        used = sel.any(dim=0)
+        used = sel.any(dim=2).any(dim=1).any(dim=0)
         if w_hi > w_lo:
             used[w_lo // bs: (w_hi - 1) // bs + 1] = True
         blocks = torch.nonzero(used).flatten().tolist()
@@ -250,7 +264,7 @@ def _tile(geo: Geometry, lead: tuple[slice, slice], i0: int, i1: int,
         allowed &= j[None, :] <= p[:, None]
     in_window = (p[:, None] - j[None, :]).abs() < geo.window
     if sel is not None:
-        allowed &= in_window | sel[:, j // bs]
+        allowed = allowed & (in_window | sel[..., j // bs])
     elif geo.window > 0:
         allowed &= in_window
     return Tile(lead, i0, i1, keys, allowed)
@@ -269,11 +283,20 @@ def _keys(x: torch.Tensor, tile: Tile, cdt: torch.dtype) -> torch.Tensor:
     return x[tile.lead][:, :, tile.keys].to(cdt)
 
 
-def _safe_mm(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``w @ x`` where ``w`` is 0 wherever ``allowed`` is False, without 0 * NaN: rows of x that
-    hold NaN/Inf contribute only where allowed (``allowed`` broadcasts to w's shape)."""
-    bad = ~torch.isfinite(x).all(dim=-1)  # [..., N]
-    if not bool(bad.any()):
+def _bad_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """bool [..., rows]: rows of x holding NaN/Inf, or None when x is finite (checked once per
+    call, so that tiles of finite inputs skip the careful path)."""
+    if x is None:
+        return None
+    bad = ~torch.isfinite(x).all(dim=-1)
+    return bad if bool(bad.any()) else None
+
+
+def _safe_mm(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor,
+             bad: torch.Tensor | None) -> torch.Tensor:
+    """``w @ x`` where ``w`` is 0 wherever ``allowed`` is False, without 0 * NaN: the rows of x
+    marked ``bad`` (NaN/Inf; [..., N] or None) contribute only where allowed."""
+    if bad is None or not bool(bad.any()):
         return w @ x
     out = w @ torch.where(bad[..., None], 0, x)
     cols = torch.nonzero(bad.flatten(0, -2).any(dim=0)).flatten()
@@ -283,8 +306,18 @@ def _safe_mm(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor) -> torch.T
 
 
 def _expand(allowed: torch.Tensor, g: int) -> torch.Tensor:
-    """Allowed [rows, keys] for the g heads' rows [g * rows, keys] of a tile."""
-    return allowed.repeat(g, 1)
+    """The tile's allowed mask for its g heads' rows: [..., g * rows, keys]."""
+    return allowed.repeat(*([1] * (allowed.ndim - 2)), g, 1)
+
+
+def _row_flags(bad: torch.Tensor | None, tile: Tile, geo: Geometry) -> torch.Tensor | None:
+    """A [B, Hq, Lq] bad-row mask as the tile's rows [lead..., g * rows]."""
+    return None if bad is None else _rows(bad[..., None], tile, geo, torch.bool)[..., 0]
+
+
+def _key_flags(bad: torch.Tensor | None, tile: Tile) -> torch.Tensor | None:
+    """A [B, Hkv, Lk] bad-row mask as the tile's keys [lead..., keys]."""
+    return None if bad is None else bad[tile.lead][:, :, tile.keys]
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float,
@@ -299,7 +332,7 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scal
         e = torch.where(allowed, torch.exp(s - m), 0)
         total = e.sum(dim=-1, keepdim=True)
         lse = torch.where(some[..., 0], (m + torch.log(total))[..., 0], -math.inf)
-        return e / torch.where(total == 0, 1, total), lse
+        return torch.where(allowed, e / torch.where(total == 0, 1, total), 0), lse
     shift = torch.where(torch.isfinite(lse), lse, 0)[..., None]
     return (torch.where(allowed, torch.exp(s - shift), 0),)
 
@@ -315,11 +348,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: Geometry,
     lse = torch.full((geo.B, geo.Hq, geo.Lq), -math.inf, dtype=cdt, device=device)
     out5 = out.view(geo.B, geo.Hkv, geo.g, geo.Lq, geo.Dv)
     lse4 = lse.view(geo.B, geo.Hkv, geo.g, geo.Lq)
+    v_bad = _bad_rows(v)
     for tile in tiles(geo, sel, device):
         allowed = _expand(tile.allowed, geo.g)
         p, lse_t = _probabilities(_rows(q, tile, geo, cdt), _keys(k, tile, cdt), allowed,
                                   geo.scale)
-        o = _safe_mm(p, _keys(v, tile, cdt), allowed)
+        o = _safe_mm(p, _keys(v, tile, cdt), allowed, _key_flags(v_bad, tile))
         n = tile.i1 - tile.i0
         out5[tile.lead][:, :, :, tile.i0:tile.i1] = o.unflatten(-2, (geo.g, n))
         lse4[tile.lead][:, :, :, tile.i0:tile.i1] = lse_t.unflatten(-1, (geo.g, n))
@@ -336,8 +370,10 @@ def backward(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: to
     dk = torch.zeros(k.shape, dtype=cdt, device=device)
     dv = torch.zeros(v.shape, dtype=cdt, device=device)
     dq5 = dq.view(geo.B, geo.Hkv, geo.g, geo.Lq, geo.D)
+    q_bad, k_bad, go_bad = _bad_rows(q), _bad_rows(k), _bad_rows(grad_out)
     for tile in tiles(geo, sel, device):
         allowed = _expand(tile.allowed, geo.g)
+        allowed_t = allowed.transpose(-1, -2)
         qt, kt = _rows(q, tile, geo, cdt), _keys(k, tile, cdt)
         lse_t = _rows(lse[..., None], tile, geo, cdt)[..., 0]
         (p,) = _probabilities(qt, kt, allowed, geo.scale, lse_t)
@@ -345,14 +381,17 @@ def backward(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: to
         if grad_out is not None:
             go = _rows(grad_out, tile, geo, cdt)
             dp = torch.where(allowed, go @ _keys(v, tile, cdt).transpose(-1, -2), 0)
-            ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-            _accumulate(dv, tile, _safe_mm(p.transpose(-1, -2), go, allowed.T))
+            # where, not a product: a row whose softmax is NaN must keep 0 where masked
+            ds = torch.where(allowed, p * (dp - (p * dp).sum(dim=-1, keepdim=True)), 0)
+            _accumulate(dv, tile, _safe_mm(p.transpose(-1, -2), go, allowed_t,
+                                           _row_flags(go_bad, tile, geo)))
         if grad_lse is not None:
-            ds = ds + p * _rows(grad_lse[..., None], tile, geo, cdt)
-        dq_t = geo.scale * _safe_mm(ds, kt, allowed)
+            ds = ds + torch.where(allowed, p * _rows(grad_lse[..., None], tile, geo, cdt), 0)
+        dq_t = geo.scale * _safe_mm(ds, kt, allowed, _key_flags(k_bad, tile))
         n = tile.i1 - tile.i0
         dq5[tile.lead][:, :, :, tile.i0:tile.i1] = dq_t.unflatten(-2, (geo.g, n))
-        _accumulate(dk, tile, geo.scale * _safe_mm(ds.transpose(-1, -2), qt, allowed.T))
+        _accumulate(dk, tile, geo.scale * _safe_mm(ds.transpose(-1, -2), qt, allowed_t,
+                                                   _row_flags(q_bad, tile, geo)))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -18,6 +18,7 @@ reads a closed weight row either).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -69,33 +70,37 @@ def _expand_groups(s: Tensor, g: int, size: int, dim: int) -> Tensor:
     return s.repeat_interleave(g, dim=dim).narrow(dim, 0, size)
 
 
+def _dequantize(values: Tensor, scale: Tensor | float | None, cdt: torch.dtype,
+                expand: Any) -> Tensor:
+    """``values * scale`` in ``cdt``; a scale array is first expanded to values' shape by
+    ``expand(scale, values)``."""
+    x = values.to(cdt)
+    if scale is None:
+        return x
+    if not isinstance(scale, Tensor):
+        return x * scale
+    s = scale.to(cdt)
+    return x * (s if s.ndim == 0 else expand(s, x))
+
+
 def dequantize_a(values: Tensor, scale: Tensor | float | None, g: int, cdt: torch.dtype
                  ) -> Tensor:
     """``values * a_scale`` for a [..., M, K]: scale scalar, [..., M, 1] or [..., M, ceil(K/g)]."""
-    a = values.to(cdt)
-    if scale is None:
-        return a
-    if not isinstance(scale, Tensor) or scale.ndim == 0:
-        return a * (scale.to(cdt) if isinstance(scale, Tensor) else scale)
-    s = scale.to(cdt)
-    if s.shape[-1] != 1:
-        s = _expand_groups(s, g, a.shape[-1], -1)
-    return a * s
+    return _dequantize(values, scale, cdt, lambda s, a: s if s.shape[-1] == 1 else
+                       _expand_groups(s, g, a.shape[-1], -1))
 
 
 def dequantize_b(values: Tensor, scale: Tensor | float | None, g: int, cdt: torch.dtype
                  ) -> Tensor:
     """``values * b_scale`` for b [K, N]: scale scalar, [1, N] or [ceil(K/g), ceil(N/g)]."""
-    b = values.to(cdt)
-    if scale is None:
-        return b
-    if not isinstance(scale, Tensor) or scale.ndim == 0:
-        return b * (scale.to(cdt) if isinstance(scale, Tensor) else scale)
-    s = scale.to(cdt)
-    K, N = b.shape
-    if s.shape[0] != 1 or s.shape[1] not in (1, N):  # per block
-        s = _expand_groups(_expand_groups(s, g, K, 0), g, N, 1)
-    return b * s
+
+    def expand(s: Tensor, b: Tensor) -> Tensor:
+        K, N = b.shape
+        if s.shape[0] == 1 and s.shape[1] in (1, N):  # per column (or one value)
+            return s
+        return _expand_groups(_expand_groups(s, g, K, 0), g, N, 1)  # per block
+
+    return _dequantize(values, scale, cdt, expand)
 
 
 def operand(x: Tensor, scale: Tensor | float | None, precision: str, granularity: str,
@@ -118,7 +123,7 @@ def gemm_backward(grad: Tensor, a: Tensor, b: Tensor, a_scale: Tensor | float | 
     empty dbias without a bias)."""
     cdt = _cdt(a, b, grad)
     gc = grad.to(cdt)
-    rows = gc.reshape(-1, gc.shape[-1])
+    rows = gc.reshape(math.prod(gc.shape[:-1]), gc.shape[-1])
     da = a.new_zeros(a.shape)
     if a.dtype in _FLOATS:
         b_op = operand(b, b_scale, precision, "block", g, cdt)
@@ -126,7 +131,7 @@ def gemm_backward(grad: Tensor, a: Tensor, b: Tensor, a_scale: Tensor | float | 
     db = b.new_zeros(b.shape)
     if b.dtype in _FLOATS:
         a_op = operand(a, a_scale, precision, "row", g, cdt)
-        db = (a_op.reshape(-1, a_op.shape[-1]).T @ rows).to(b.dtype)
+        db = (a_op.reshape(rows.shape[0], a_op.shape[-1]).T @ rows).to(b.dtype)
     dbias = rows.sum(dim=0).to(grad.dtype) if has_bias else grad.new_empty(0)
     return da, db, dbias
 
@@ -152,7 +157,8 @@ def gated_backward(grad_y: Tensor, x: Tensor, logits: Tensor, weight: Tensor | N
         dweight = x.new_empty(0)
         dbias = x.new_empty(0)
     else:
-        lead = mask.reshape(-1, mask.shape[-1]).any(dim=0)  # open in some row
+        lead = mask.reshape(math.prod(mask.shape[:-1]), mask.shape[-1]).any(dim=0)  # open in
+        # some row
         cols = torch.nonzero(lead).flatten()
         w_open = weight.index_select(0, cols).to(cdt)  # closed rows are never read
         g_cols = g_open.index_select(-1, cols)
@@ -162,7 +168,8 @@ def gated_backward(grad_y: Tensor, x: Tensor, logits: Tensor, weight: Tensor | N
             part = part + bias.index_select(0, cols).to(cdt)
         pre.index_copy_(-1, cols, part)
         dx = g_cols @ w_open
-        flat_g, flat_x = g_cols.reshape(-1, cols.numel()), xc.reshape(-1, xc.shape[-1])
+        rows = math.prod(x.shape[:-1])
+        flat_g, flat_x = g_cols.reshape(rows, cols.numel()), xc.reshape(rows, x.shape[-1])
         dweight = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
         dweight.index_copy_(0, cols, flat_g.T @ flat_x)
         dweight = dweight.to(weight.dtype)
@@ -173,5 +180,5 @@ def gated_backward(grad_y: Tensor, x: Tensor, logits: Tensor, weight: Tensor | N
     slope = gy * pre * sig * (1 - sig)
     dz = slope if mode == "soft" else torch.where(open_, slope, 0)
     if logits.ndim < dz.ndim:  # static gates: every row contributes
-        dz = dz.reshape(-1, dz.shape[-1]).sum(dim=0)
+        dz = dz.reshape(math.prod(dz.shape[:-1]), dz.shape[-1]).sum(dim=0)
     return dx.to(x.dtype), dz.to(logits.dtype), dweight, dbias

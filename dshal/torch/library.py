@@ -84,15 +84,17 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor | None,
     q, k, v, indices = _detached(q, k, v, indices)
     selecting = top_k is not None or indices is not None
     with torch.no_grad():
-        out, sel, lse = ops.sparse_attention(q, k, v, top_k=top_k, indices=indices,
-                                             block_size=block_size, window=window,
-                                             causal=causal, scale=scale,
-                                             return_indices=selecting, return_lse=True,
-                                             backend=backend)
+        out, *sel, lse = ops.sparse_attention(q, k, v, top_k=top_k, indices=indices,
+                                              block_size=block_size, window=window,
+                                              causal=causal, scale=scale,
+                                              return_indices=selecting, return_lse=True,
+                                              backend=backend)
     width = _attention_width(q, k, indices, top_k, block_size, causal)
     if not selecting:
         sel = torch.empty(*k.shape[:2], q.shape[2], 0, dtype=torch.int64, device=q.device)
-    elif sel.shape[-1] < width:
+    else:
+        (sel,) = sel
+    if sel.shape[-1] < width:
         sel = torch.nn.functional.pad(sel, (0, width - sel.shape[-1]), value=-1)
     return out, sel, lse
 
