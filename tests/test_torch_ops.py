@@ -322,3 +322,23 @@ def test_gemm_gradient_of_b_with_stored_int8_a(a_scale_shape):
                                 a_scale=a_scale.numpy(), group_size=16)
     want = torch.from_numpy(a_op).T @ torch.ones(3, 9, dtype=torch.float64)
     torch.testing.assert_close(b.grad.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_products_are_ieee_fp32_whatever_the_caller_allowed():
+    a, b = _randn(64, 256, dtype=torch.float32), _randn(256, 32, dtype=torch.float32)
+
+    def grads():
+        a.grad = b.grad = None
+        dt.gemm(a, b).square().sum().backward()
+        return a.grad.clone(), b.grad.clone()
+
+    want = grads()
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"  # the caller trades accuracy away for its own matmuls
+    try:
+        got = grads()
+    finally:
+        matmul.fp32_precision = before
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -6,7 +6,9 @@ from metadata alone (the same planners as ``dshal.ops``, so a bad argument fails
 ``torch.compile`` traces) and returns empty tensors of the result shapes. The backward passes
 are custom operators too (``_sparse_attention_backward``, ``_gemm_backward``,
 ``_gated_channels_backward``): their work depends on the selection and the open channels, so
-``torch.compile`` treats them as opaque calls rather than tracing them.
+``torch.compile`` treats them as opaque calls rather than tracing them. They run their float32
+products in IEEE fp32 (:func:`dshal.torch.precision.ieee_fp32`), whatever TF32 settings the
+caller made.
 
 Schemas (``torch.ops.dshal.<name>``; ``None`` where an argument is optional)::
 
@@ -34,6 +36,7 @@ from dshal.calls import selection_width
 from dshal.dtypes import PRECISIONS
 from dshal.plans import PLANNERS
 from dshal.torch import attention, grads
+from dshal.torch.precision import ieee_fp32
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LIB = "dshal"
@@ -149,7 +152,8 @@ def _sparse_attention_backward(grad_out: Tensor | None, grad_lse: Tensor | None,
     geo = attention.Geometry.of(q, k, v, block_size=block_size, window=window, causal=causal,
                                 scale=scale)
     sel = None if indices is None else attention.indices_mask(indices, geo)
-    grads_ = attention.backward(grad_out, grad_lse, q, k, v, lse, geo, sel)
+    with ieee_fp32():
+        grads_ = attention.backward(grad_out, grad_lse, q, k, v, lse, geo, sel)
     return tuple(grads.like(x, d) for x, d in zip((q, k, v), grads_))
 
 
@@ -275,9 +279,11 @@ def _gemm_backward_op(grad: Tensor, a: Tensor, b: Tensor, a_scale: Tensor | None
                       b_scale_value: float | None, precision_index: Tensor, group_size: int,
                       has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Straight-through gradients of gemm: da, db, dbias (dbias empty without a bias)."""
-    da, db, dbias = grads.gemm_backward(grad, a, b, _scale(a_scale, a_scale_value),
-                                        _scale(b_scale, b_scale_value),
-                                        PRECISIONS[int(precision_index)], group_size, has_bias)
+    with ieee_fp32():
+        da, db, dbias = grads.gemm_backward(grad, a, b, _scale(a_scale, a_scale_value),
+                                            _scale(b_scale, b_scale_value),
+                                            PRECISIONS[int(precision_index)], group_size,
+                                            has_bias)
     return grads.like(a, da), grads.like(b, db), dbias
 
 
@@ -337,7 +343,9 @@ def _gated_channels_backward(grad_y: Tensor, x: Tensor, gate_logits: Tensor,
                              weight: Tensor | None, bias: Tensor | None, y: Tensor, mask: Tensor,
                              mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dx, dlogits, dweight, dbias of gated_channels (empty where absent)."""
-    dx, dz, dw, db = grads.gated_backward(grad_y, x, gate_logits, weight, bias, y, mask, mode)
+    with ieee_fp32():
+        dx, dz, dw, db = grads.gated_backward(grad_y, x, gate_logits, weight, bias, y, mask,
+                                              mode)
     return (grads.like(x, dx), grads.like(gate_logits, dz),
             dw if weight is None else grads.like(weight, dw),
             db if bias is None else grads.like(bias, db))
