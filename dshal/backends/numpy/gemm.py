@@ -151,22 +151,33 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int,
     K = x.shape[-1]
     nk = ceil_div(K, g)
     rows = x.reshape(math.prod(x.shape[:-1]), K)
-    vrows = values.reshape(rows.shape)
     scales = np.ones((rows.shape[0], nk), np.float32)
-    step = max(1, _CHUNK // max(1, nk * g))
-
-    def span_rows(a: int, z: int) -> None:
-        for r0 in range(a, z, step):
-            r1 = min(z, r0 + step)
-            src, fresh = _as_float32(rows[r0:r1], nk * g)
-            shape = (r1 - r0, nk, g)
-            scales[r0:r1] = s = _scale(_amax(src.reshape(shape), (2,)), qmax)
-            c = _divided(src, fresh, s[..., None], shape)
-            _encode(c[:, :K], vrows[r0:r1], precision, s)
-
     if nk:
-        parallel_spans(span_rows, rows.shape[0], x.size, step)
+        parallel_spans(lambda a, z: quantize_rows(rows[a:z], values.reshape(rows.shape)[a:z],
+                                                  scales[a:z], precision, g),
+                       rows.shape[0], x.size, _row_step(K, g))
     return values, scales.reshape(*x.shape[:-1], nk)
+
+
+def _row_step(K: int, g: int) -> int:
+    """Rows per chunk of row quantisation."""
+    return max(1, _CHUNK // max(1, ceil_div(K, g) * g))
+
+
+def quantize_rows(rows: np.ndarray, values: np.ndarray, scales: np.ndarray, precision: str,
+                  g: int) -> None:
+    """Row quantisation of ``rows`` [R, K] into ``values`` [R, K] and ``scales``
+    [R, ceil(K/g)], chunk by chunk on the calling thread."""
+    K = rows.shape[1]
+    nk, step = ceil_div(K, g), _row_step(K, g)
+    qmax = np.float32(QMAX[precision])
+    for r0 in range(0, rows.shape[0], step):
+        r1 = min(rows.shape[0], r0 + step)
+        src, fresh = _as_float32(rows[r0:r1], nk * g)
+        shape = (r1 - r0, nk, g)
+        scales[r0:r1] = s = _scale(_amax(src.reshape(shape), (2,)), qmax)
+        c = _divided(src, fresh, s[..., None], shape)
+        _encode(c[:, :K], values[r0:r1], precision, s)
 
 
 def _padded(x: np.ndarray, width: int) -> np.ndarray:
@@ -233,36 +244,41 @@ def _encode(scaled: np.ndarray, out: np.ndarray, precision: str, scales: np.ndar
 def _encode_fp8(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
     """Bit codes of float32 ``x`` (finite, within the format's range) rounded to nearest even
     into an fp8 format with ``mbits`` mantissa bits and exponent ``bias`` (bitwise what
-    ml_dtypes' cast gives, about 3x faster since it runs as vector integer ops on scratch)."""
-    u = x.view(np.uint32)
-    a = np.bitwise_and(u, np.uint32(0x7FFFFFFF), out=scratch("fp8-abs", u.shape, np.uint32))
-    shift = np.uint32(23 - mbits)
-    # normal numbers: round the mantissa to mbits (ties to even), re-bias the exponent
-    r = np.right_shift(a, shift, out=scratch("fp8-code", u.shape, np.uint32))
-    r &= np.uint32(1)
-    r += a
-    r += np.uint32(((1 << (22 - mbits)) - 1 - ((127 - bias) << 23)) % (1 << 32))
-    r >>= shift
-    sub = np.less(a, np.uint32((128 - bias) << 23), out=scratch("fp8-sub", u.shape, bool))
-    if sub.any():  # subnormals (below 2**(1 - bias)): multiples of 2**(1 - bias - mbits), even
-        s = np.abs(x) * np.float32(2.0 ** (bias - 1 + mbits))
-        np.rint(s, out=s)
-        np.copyto(r, s, casting="unsafe", where=sub)
-    sign = np.right_shift(u, np.uint32(24), out=a)
-    sign &= np.uint32(0x80)
-    r |= sign
-    np.copyto(out, r, casting="unsafe")
+    ml_dtypes' cast gives, several times faster).
+
+    ``x`` is rounded onto the grid in float32 (:func:`_round_to_grid`), then multiplied by
+    ``2**(bias - 127)``: exact, it turns float32's exponent field into the fp8 one and the fp8
+    subnormals into float32 subnormals with the same mantissa bits (this relies on gradual
+    underflow, numpy's default), so the code is the float32 bits shifted right by
+    ``23 - mbits`` (the sign lands above the low byte and is put back from ``x``).
+    """
+    grid = scratch("fp8-grid", x.shape, np.float32)
+    _round_to_grid(x, grid, mbits, bias)
+    grid *= np.float32(2.0 ** (bias - 127))
+    codes = grid.view(np.uint32)
+    codes >>= np.uint32(23 - mbits)
+    np.copyto(out, codes, casting="unsafe")
+    sign = np.signbit(x, out=scratch("fp8-sign", x.shape, bool)).view(np.uint8)
+    sign <<= np.uint8(7)
+    out |= sign
 
 
 def round_fp8(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
     """float32 ``x`` (finite, within the format's range) rounded to nearest even onto the grid
     of an fp8 format (``mbits`` mantissa bits, exponent ``bias``), as float32 into ``out``:
-    bitwise the decoded :func:`_encode_fp8` codes, in float arithmetic without the codes.
+    bitwise the decoded :func:`_encode_fp8` codes, -0.0 included."""
+    _round_to_grid(x, out, mbits, bias)
+    np.copysign(out, x, out=out)
+
+
+def _round_to_grid(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
+    """``x`` rounded to nearest even onto the fp8 grid into ``out`` (float32), except that
+    what rounds to zero comes out +0.0.
 
     Adding ``1.5 * 2**23 * q`` (an even multiple of ``q``, the grid's spacing at ``x``: ``x``'s
     power of two over ``2**mbits``, at least the subnormal spacing ``2**(1 - bias - mbits)``)
     makes float32 round ``x`` to a multiple of ``q``, ties to even; subtracting it again is
-    exact. The sign is put back last so that what rounds to zero keeps it (-0.0).
+    exact.
     """
     magic = np.bitwise_and(x.view(np.uint32), np.uint32(0x7F800000), out=out.view(np.uint32))
     np.maximum(magic, np.uint32((128 - bias) << 23), out=magic)  # the subnormal binade's
@@ -270,7 +286,6 @@ def round_fp8(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
     m = magic.view(np.float32)
     total = np.add(x, m, out=scratch("fp8-sum", x.shape, np.float32))
     np.subtract(total, m, out=out)
-    np.copysign(out, x, out=out)
 
 
 def decode(values: np.ndarray) -> np.ndarray:
@@ -365,60 +380,81 @@ def _int8_gemm(a: np.ndarray, b: np.ndarray, call: GemmCall) -> np.ndarray:
     most :data:`EXACT_K` terms; longer groups sum their chunks in float64). It is multiplied by
     the group's rank-1 scale (row scale x column scale, one product per row and column block)
     and added to the sum, in float64 for float64 output and in float32 otherwise (as the OpenCL
-    backend does). Panels of rows of ``a`` run on every CPU with BLAS on one thread each, so a
-    panel's product and sum stay in cache between the passes.
+    backend does). Panels of rows of ``a`` run on every CPU with BLAS on one thread each; a
+    panel is quantised (or converted) where it is used, and its product and sum stay in cache
+    between the passes.
     """
     g = call.group_size
-    av, sa = _float_operand(a, call.a_scale, "int8", "row", g)
     bv, sb = _float_operand(b, call.b_scale, "int8", "block", g)
-    *lead, M, K = av.shape
+    *lead, M, K = a.shape
     N = bv.shape[1]
-    a2 = av.reshape(math.prod(av.shape[:-1]), K)
+    rows_of_a = _RowsOfA(a.reshape(math.prod(a.shape[:-1]), K), call.a_scale, g)
     acc_dtype = np.dtype(np.float64 if call.out_dtype == "float64" else np.float32)
-    out = np.zeros((a2.shape[0], N), acc_dtype)
+    out = np.zeros((rows_of_a.a.shape[0], N), acc_dtype)
     if K and out.size:
-        plan = _GroupScales.build(sa, sb, a2.shape[0], K, N, g, acc_dtype)
+        plan = _GroupScales.build(rows_of_a.groups, sb, K, N, g, acc_dtype)
         rows = max(8, min(512, _PANEL // N))
-        parallel_spans(lambda r0, r1: _int8_rows(a2, bv, plan, out, r0, r1, rows),
-                       a2.shape[0], out.size * len(plan.bounds), rows)
+        parallel_spans(lambda r0, r1: _int8_rows(rows_of_a, bv, plan, out, r0, r1, rows),
+                       out.shape[0], out.size * len(plan.bounds), rows)
     return out.reshape(*lead, M, N)
+
+
+class _RowsOfA:
+    """Panels of rows of ``a`` [R, K] as integer-valued float32 with their scales: int8 storage
+    converted, float rows quantised by row, in the calling thread's scratch."""
+
+    def __init__(self, a: np.ndarray, scale, g: int) -> None:
+        self.a, self.g = a, g
+        self.stored = a.dtype in _STORAGE_PRECISION
+        if self.stored:
+            s = np.ones((1, 1)) if scale is None else np.asarray(scale, np.float64)
+            self.scales = s.reshape(1, 1) if s.ndim == 0 else s.reshape(-1, s.shape[-1])
+        #: scales per row: one per group of K, or one for the whole row
+        self.groups = self.scales.shape[1] if self.stored else ceil_div(a.shape[1], g)
+
+    def panel(self, m0: int, m1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``m0:m1`` (valid until the thread's next panel) and their scales
+        [rows or 1, groups]."""
+        values = scratch("gemm-a", (m1 - m0, self.a.shape[1]), np.float32)
+        if self.stored:
+            np.copyto(values, self.a[m0:m1], casting="unsafe")
+            return values, self.scales if self.scales.shape[0] == 1 else self.scales[m0:m1]
+        scales = scratch("gemm-a-scales", (m1 - m0, self.groups), np.float32)
+        quantize_rows(self.a[m0:m1], values, scales, "int8", self.g)
+        return values, scales
 
 
 @dataclass(frozen=True)
 class _GroupScales:
-    """The scales of an int8 gemm per K span: ``rows[:, i]`` (the rows' scales, [R or 1, ni])
-    times ``cols[j]`` (one per ``width`` columns, [nj, N // width]) scales span ``i``/``j``;
-    both float64, their products applied in ``dtype``."""
+    """The K spans of an int8 gemm and b's scales: ``cols[j]`` (one per ``width`` columns,
+    [nj, N // width], float64) scales span ``j``; the products with a's scales are applied in
+    ``dtype``."""
 
     bounds: list[tuple[int, int]]
-    rows: np.ndarray
     cols: np.ndarray
     width: int
     dtype: np.dtype
 
     @classmethod
-    def build(cls, sa, sb, R: int, K: int, N: int, g: int, dtype: np.dtype) -> _GroupScales:
-        """Normalise the scale forms of DESIGN 3.2 (scalar, per row or per row group for a;
-        scalar, per column or per block for b)."""
-        rows = np.ones((1, 1)) if sa is None else np.asarray(sa, np.float64)
-        rows = rows.reshape(1, 1) if rows.ndim == 0 else rows.reshape(-1, rows.shape[-1])
+    def build(cls, a_groups: int, sb, K: int, N: int, g: int, dtype: np.dtype) -> _GroupScales:
+        """The spans (groups of g when a or b has per-group scales, else all of K) and b's
+        scale forms of DESIGN 3.2 (scalar, per column or per block) normalised."""
         cols = np.ones((1, 1)) if sb is None else np.asarray(sb, np.float64)
         cols, width = cols.reshape(1, 1) if cols.ndim == 0 else cols, N
         if cols.shape[0] > 1 or cols.shape[1] not in (1, N):  # per block
             cols, width = (cols, g) if N % g == 0 else (_expand_last(cols, g, N), 1)
         elif cols.shape[1] == N:  # per column
             width = 1
-        grouped = rows.shape[1] > 1 or cols.shape[0] > 1
+        grouped = a_groups > 1 or cols.shape[0] > 1
         bounds = [(k0, min(K, k0 + g)) for k0 in range(0, K, g)] if grouped else [(0, K)]
-        return cls(bounds, rows, cols, width, dtype)
+        return cls(bounds, cols, width, dtype)
 
-    def of(self, i: int, r0: int, r1: int) -> np.ndarray:
-        """The scale of span ``i`` for rows ``r0:r1``: [rows or 1, N // width, 1], in
-        ``dtype`` unless rounding the product to float32 would lose it (it overflows, or
-        underflows into the subnormals while the output may not): then in float64."""
-        rows = self.rows if self.rows.shape[0] == 1 else self.rows[r0:r1]
+    def of(self, i: int, rows: np.ndarray) -> np.ndarray:
+        """The scale of span ``i`` given the panel's row scales ``rows`` [rows or 1, groups]:
+        [rows or 1, N // width, 1], in ``dtype`` unless rounding the product to float32 would
+        lose it (it overflows, or underflows into the subnormals): then in float64."""
         col = self.cols[i if self.cols.shape[0] > 1 else 0]
-        wide = (rows[:, i if rows.shape[1] > 1 else 0, None] * col)[:, :, None]
+        wide = (rows[:, i if rows.shape[1] > 1 else 0, None].astype(np.float64) * col)[:, :, None]
         scale = wide.astype(self.dtype)
         with np.errstate(invalid="ignore"):
             if np.all((np.abs(scale) >= _TINY) & np.isfinite(scale) | (wide == 0)):
@@ -426,19 +462,20 @@ class _GroupScales:
         return wide
 
 
-def _int8_rows(a: np.ndarray, b: np.ndarray, plan: _GroupScales, out: np.ndarray, r0: int,
-               r1: int, rows: int) -> None:
+def _int8_rows(rows_of_a: _RowsOfA, b: np.ndarray, plan: _GroupScales, out: np.ndarray,
+               r0: int, r1: int, rows: int) -> None:
     """``out[r0:r1]`` of the int8 gemm, in panels of ``rows`` rows."""
     N, w = b.shape[1], plan.width
     buf = scratch("gemm-product", (min(rows, r1 - r0), N), np.float32)
     wide = buf if out.dtype == buf.dtype else scratch("gemm-scaled", buf.shape, out.dtype)
     for m0 in range(r0, r1, rows):
         m1 = min(r1, m0 + rows)
+        a, a_scales = rows_of_a.panel(m0, m1)
         acc = out[m0:m1].reshape(m1 - m0, N // w, w)
         scaled = wide[: m1 - m0].reshape(acc.shape)
         for i, (k0, k1) in enumerate(plan.bounds):
-            part = _exact_dot(a[m0:m1, k0:k1], b[k0:k1], buf[: m1 - m0]).reshape(acc.shape)
-            np.multiply(part, plan.of(i, m0, m1), out=acc if i == 0 else scaled)
+            part = _exact_dot(a[:, k0:k1], b[k0:k1], buf[: m1 - m0]).reshape(acc.shape)
+            np.multiply(part, plan.of(i, a_scales), out=acc if i == 0 else scaled)
             if i:
                 acc += scaled
 
