@@ -35,7 +35,7 @@ from dshal.validate import ceil_div
 #: float32 elements per cache-resident chunk of the quantize pipeline
 _CHUNK = 1 << 19
 #: elements of one int8 gemm panel (rows x N): its product and sum stay in cache
-_PANEL = 1 << 18
+_PANEL = 1 << 19
 #: longest int8 dot product that float32 accumulates exactly (128 * 128 * 1024 = 2**24)
 EXACT_K = 1024
 
