@@ -2,10 +2,10 @@
 
 quantize works in cache-sized chunks of rows (cast to float32, group absolute max on the bit
 patterns, divide, round) so that the pipeline costs a few passes over the input, with its
-temporaries in per-thread scratch (:mod:`.scratch`); fp8 values are encoded with vector integer
-operations (bitwise ml_dtypes' round-to-nearest-even cast, about 3x faster than that cast) and
-decoded through a 256-entry table. Large inputs are quantised in chunks on every CPU. gemm
-multiplies in float32 BLAS for every precision:
+temporaries in per-thread scratch (:mod:`.scratch`); fp8 values are rounded onto the grid in
+float32 and their codes read off the bits (bitwise ml_dtypes' round-to-nearest-even cast,
+several times faster than that cast) and decoded through a 256-entry table. Large inputs
+are quantised in chunks on every CPU. gemm multiplies in float32 BLAS for every precision:
 
 - fp32 / tf32 / bf16 / fp16: the operands are rounded to the format, then multiplied in fp32;
 - fp8: the operands are dequantised to float32 (value * scale), then multiplied; float inputs
