@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import warnings
 
 import ml_dtypes
@@ -25,6 +26,7 @@ from dshal.backends.numpy import attention as attn_mod
 from dshal.backends.numpy import gating as gating_mod
 from dshal.backends.numpy import gemm as gemm_mod
 from dshal.backends.numpy import plugin
+from dshal.backends.numpy import scratch as scratch_mod
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import FEATURES, BackendSpec, DeviceInfo
 from dshal.dtypes import DTYPE_UNIT_ROUNDOFF, PRECISIONS, UNIT_ROUNDOFF
@@ -497,6 +499,35 @@ def test_gemm_int8_panels_and_threads_agree(monkeypatch):
     one = check_gemm(a, b, "int8", group_size=g)
     monkeypatch.setenv("DSHAL_NUM_THREADS", "3")
     np.testing.assert_array_equal(run_gemm(a, b, "int8", group_size=g), one)
+
+
+def test_gemm_int8_scale_products_below_float32s_normals():
+    # a's and b's scales are normal, their product (~1e-42) is subnormal in float32 while the
+    # outputs (~1e-36) are not: the rank-1 group scale must not be rounded there first
+    rng = np.random.default_rng(17)
+    K, N, g = 256, 130, 128
+    a = rng.integers(-127, 128, (4, K)).astype(np.int8)
+    b = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    sa = (rng.random((4, K // g)) + 0.5).astype(np.float32) * np.float32(1e-30)
+    sb = (rng.random((K // g, 2)) + 0.5).astype(np.float32) * np.float32(1e-12)
+    assert (sa[:, :1] * sb[:1]).max() < np.finfo(np.float32).tiny
+    check_gemm(a, b, "int8", a_scale=sa, b_scale=sb, group_size=g)
+
+
+def test_scratch_buffers_are_per_slot_and_per_thread():
+    first = scratch_mod.scratch("test-a", (4, 8), np.float32)
+    again = scratch_mod.scratch("test-a", (2, 3), np.int32)  # smaller: the same memory
+    other = scratch_mod.scratch("test-b", (4, 8), np.float32)
+    assert first.shape == (4, 8) and again.shape == (2, 3) and again.dtype == np.int32
+    assert np.shares_memory(first, again) and not np.shares_memory(first, other)
+    grown = scratch_mod.scratch("test-a", (64, 64), np.float64)
+    assert grown.shape == (64, 64) and grown.flags.c_contiguous
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(
+        scratch_mod.scratch("test-a", (64, 64), np.float64)))
+    worker.start()
+    worker.join()
+    assert not np.shares_memory(seen[0], grown)
 
 
 def test_gemm_prequantized_scale_forms():
