@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import warnings
 
 import ml_dtypes
@@ -25,6 +26,7 @@ from dshal.backends.numpy import attention as attn_mod
 from dshal.backends.numpy import gating as gating_mod
 from dshal.backends.numpy import gemm as gemm_mod
 from dshal.backends.numpy import plugin
+from dshal.backends.numpy import scratch as scratch_mod
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import FEATURES, BackendSpec, DeviceInfo
 from dshal.dtypes import DTYPE_UNIT_ROUNDOFF, PRECISIONS, UNIT_ROUNDOFF
@@ -314,7 +316,7 @@ def test_quantize_bitwise_equals_reference(precision):
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-def test_fp8_encoder_matches_ml_dtypes_on_every_tie(fmt):
+def test_fp8_encoders_match_ml_dtypes_on_every_tie(fmt):
     dtype = np.dtype(getattr(ml_dtypes, {"fp8_e4m3": "float8_e4m3fn",
                                          "fp8_e5m2": "float8_e5m2"}[fmt]))
     grid = np.unique(np.arange(256, dtype=np.uint8).view(dtype).astype(np.float32))
@@ -339,6 +341,36 @@ def test_fp8_encoder_matches_ml_dtypes_on_every_tie(fmt):
     out = np.empty(x.shape, np.uint8)
     gemm_mod._encode_fp8(x, out, mbits, bias)
     np.testing.assert_array_equal(out, want)
+    # the float32 grid values (gemm's on-the-fly operands): the decoded codes, -0.0 included
+    grid_values = np.empty(x.shape, np.float32)
+    gemm_mod.round_fp8(x, grid_values, mbits, bias)
+    np.testing.assert_array_equal(_bits(grid_values), _bits(want.view(dtype).astype(np.float32)))
+
+
+@pytest.mark.parametrize("precision", ["fp8_e4m3", "fp8_e5m2", "int8"])
+def test_float32_operands_are_the_decoded_quantisation(precision):
+    rng = np.random.default_rng(15)
+    for shape, g in (((2, 5, 256), 128), ((7, 300), 64), ((129, 129), 1), ((256, 384), 128)):
+        x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-12, 4, shape[-1])
+             ).astype(np.float32)
+        x[..., :3] = [0.0, -0.0, -1e-30]  # signed zeros and values that round to -0
+        for gran in ("row", "block") if len(shape) == 2 else ("row",):
+            values, scales = gemm_mod.quantize_values(x, precision, gran, g)
+            as_float, same = gemm_mod.quantize_values(x, precision, gran, g, np.dtype(np.float32))
+            np.testing.assert_array_equal(scales, same)
+            want = gemm_mod.decode(values)
+            # fp8 bit for bit (-0.0 is a code); int8 has no -0: rint's -0.0 equals its 0
+            same_bits = _bits if precision != "int8" else np.asarray
+            np.testing.assert_array_equal(same_bits(as_float), same_bits(want))
+            # scaled in place through a grouped view: what the expanded scales give
+            if gran == "row":
+                got = gemm_mod._scaled_a(as_float, scales, g)
+                full = gemm_mod._expand_last(scales, g, shape[-1])
+            else:
+                got = gemm_mod._scaled_b(as_float, scales, g)
+                full = gemm_mod._expand_last(np.repeat(scales, g, axis=0)[:shape[0]], g,
+                                             shape[1])
+            np.testing.assert_array_equal(same_bits(got), same_bits(want * full))
 
 
 # --- gemm -------------------------------------------------------------------------------------
@@ -416,6 +448,64 @@ def test_gemm_int8_is_exact_with_chunked_k():
         out = run_gemm(a, b, "int8", a_scale=sa, b_scale=sb, group_size=g, out_dtype="float64")
         r = ref.gemm(a, b, precision="int8", a_scale=sa, b_scale=sb, group_size=g)
         np.testing.assert_allclose(out, r, rtol=1e-12, atol=1e-9 * np.abs(r).max())
+
+
+def test_gemm_int8_is_exact_at_the_float32_limit():
+    # K = 1024 products of -128 (or 127) values: sums reach 2**24, the last exact float32 integer
+    K, N = 1024, 6
+    a = np.full((5, K), -128, np.int8)
+    a[1], a[2, ::2], a[3, 1::3] = 127, 127, -127
+    b = np.full((K, N), -128, np.int8)
+    b[:, 1], b[::2, 2], b[3::5, 3] = 127, 127, 1
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    assert np.abs(exact).max() == 2**24
+    for g in (128, 1024):  # one scale group and eight (unit scales)
+        ones_a = np.ones((5, K // g), np.float32)
+        ones_b = np.ones((K // g, 1), np.float32)
+        for sa, sb in ((None, None), (ones_a, ones_b)):
+            out = run_gemm(a, b, "int8", a_scale=sa, b_scale=sb, group_size=g)
+            np.testing.assert_array_equal(out, exact.astype(np.float32))
+
+
+def test_gemm_int8_panels_and_threads_agree(monkeypatch):
+    rng = np.random.default_rng(16)
+    M, K, N, g = 1100, 1024, 264, 128  # several panels, on threads; N not a multiple of g
+    a = rng.standard_normal((M, K)).astype(np.float32) * 10.0 ** rng.integers(-3, 3, K)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    a[:, :g] = 0  # a group with amax = 0
+    monkeypatch.setenv("DSHAL_NUM_THREADS", "1")
+    one = check_gemm(a, b, "int8", group_size=g)
+    monkeypatch.setenv("DSHAL_NUM_THREADS", "3")
+    np.testing.assert_array_equal(run_gemm(a, b, "int8", group_size=g), one)
+
+
+def test_gemm_int8_scale_products_below_float32s_normals():
+    # a's and b's scales are normal, their product (~1e-42) is subnormal in float32 while the
+    # outputs (~1e-36) are not: the rank-1 group scale must not be rounded there first
+    rng = np.random.default_rng(17)
+    K, N, g = 256, 130, 128
+    a = rng.integers(-127, 128, (4, K)).astype(np.int8)
+    b = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    sa = (rng.random((4, K // g)) + 0.5).astype(np.float32) * np.float32(1e-30)
+    sb = (rng.random((K // g, 2)) + 0.5).astype(np.float32) * np.float32(1e-12)
+    assert (sa[:, :1] * sb[:1]).max() < np.finfo(np.float32).tiny
+    check_gemm(a, b, "int8", a_scale=sa, b_scale=sb, group_size=g)
+
+
+def test_scratch_buffers_are_per_slot_and_per_thread():
+    first = scratch_mod.scratch("test-a", (4, 8), np.float32)
+    again = scratch_mod.scratch("test-a", (2, 3), np.int32)  # smaller: the same memory
+    other = scratch_mod.scratch("test-b", (4, 8), np.float32)
+    assert first.shape == (4, 8) and again.shape == (2, 3) and again.dtype == np.int32
+    assert np.shares_memory(first, again) and not np.shares_memory(first, other)
+    grown = scratch_mod.scratch("test-a", (64, 64), np.float64)
+    assert grown.shape == (64, 64) and grown.flags.c_contiguous
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(
+        scratch_mod.scratch("test-a", (64, 64), np.float64)))
+    worker.start()
+    worker.join()
+    assert not np.shares_memory(seen[0], grown)
 
 
 def test_gemm_prequantized_scale_forms():

@@ -1,34 +1,41 @@
 """``quantize`` and ``gemm`` on the CPU with numpy/OpenBLAS.
 
 quantize works in cache-sized chunks of rows (cast to float32, group absolute max on the bit
-patterns, divide, round) so that the pipeline costs a few passes over the input; fp8 values are
-encoded with vector integer operations (bitwise ml_dtypes' round-to-nearest-even cast, about 3x
-faster than that cast) and decoded through a 256-entry table. Large inputs are quantised in
-chunks on every CPU. gemm multiplies in float32 BLAS
-for every precision:
+patterns, divide, round) so that the pipeline costs a few passes over the input, with its
+temporaries in per-thread scratch (:mod:`.scratch`); fp8 values are rounded onto the grid in
+float32 and their codes read off the bits (bitwise ml_dtypes' round-to-nearest-even cast,
+several times faster than that cast) and decoded through a 256-entry table. Large inputs
+are quantised in chunks on every CPU. gemm multiplies in float32 BLAS for every precision:
 
 - fp32 / tf32 / bf16 / fp16: the operands are rounded to the format, then multiplied in fp32;
-- fp8: the operands are dequantised to float32 (value * scale), then multiplied;
-- int8: exact integer accumulation. Any int8 dot product of length <= 1024 is exact in float32
-  (|sum| <= 128 * 128 * 1024 = 2**24), so K is cut into chunks of at most 1024 (within each
-  quantisation group), each multiplied by float32 BLAS and accumulated in float64 (exact), and
-  the scales are applied per group in float64. numpy's integer matmul is never used: it wraps.
+- fp8: the operands are dequantised to float32 (value * scale), then multiplied; float inputs
+  are rounded onto the fp8 grid in float32 arithmetic (:func:`round_fp8`, no codes), bitwise
+  what quantize then decode gives;
+- int8: exact integer accumulation within each scale group. Any int8 dot product of length
+  <= 1024 is exact in float32 (|sum| <= 128 * 128 * 1024 = 2**24), so each group is one float32
+  BLAS product (longer groups sum chunks of 1024 in float64), scaled by its rank-1 (row x
+  column block) scale and summed across groups in float32 (float64 for float64 output), in
+  panels of rows on every CPU. numpy's integer matmul is never used: it wraps.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
 from dshal.backends.numpy.attention import parallel_spans
+from dshal.backends.numpy.scratch import scratch
 from dshal.calls import GemmCall, QuantizeCall
 from dshal.dtypes import QMAX, QUANTIZED_PRECISIONS, STORAGE_DTYPE
 from dshal.validate import ceil_div
 
 #: float32 elements per cache-resident chunk of the quantize pipeline
 _CHUNK = 1 << 19
+#: elements of one int8 gemm panel (rows x N): its product and sum stay in cache
+_PANEL = 1 << 19
 #: longest int8 dot product that float32 accumulates exactly (128 * 128 * 1024 = 2**24)
 EXACT_K = 1024
 
@@ -88,15 +95,18 @@ def quantize(call: QuantizeCall) -> tuple[np.ndarray, np.ndarray | None]:
     return quantize_values(x, call.precision, call.granularity, call.group_size)
 
 
-def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int,
+                    dtype: np.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """fp8/int8 values and float32 scales of ``x`` (scale = amax / qmax per group, 1 where 0).
+
+    The values come in the storage dtype, or with ``dtype=float32`` as the float32 numbers
+    they stand for (what :func:`decode` gives, without the codes: gemm's on-the-fly operands).
 
     Chunks are independent (they write disjoint values and scales), so large inputs are split
     over the CPUs (:func:`parallel_spans`); results do not depend on the split.
     """
     qmax = np.float32(QMAX[precision])
-    values = np.empty(x.shape, _STORAGE[precision])
+    values = np.empty(x.shape, dtype or _STORAGE[precision])
     if granularity == "tensor":
         flat, vflat = x.reshape(1, x.size), values.reshape(1, x.size)
         parts: list[np.ndarray] = []
@@ -104,7 +114,8 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
         def span_amax(a: int, z: int) -> None:
             m = np.zeros((), np.float32)
             for r0 in range(a, z, _CHUNK):
-                m = np.maximum(m, _amax(_padded(flat[:, r0:min(z, r0 + _CHUNK)], 0), (0, 1)))
+                chunk = _as_float32(flat[:, r0:min(z, r0 + _CHUNK)], 0)[0]
+                m = np.maximum(m, _amax(chunk, (0, 1)))
             parts.append(m)
 
         parallel_spans(span_amax, x.size, x.size, _CHUNK)
@@ -140,37 +151,48 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int
     K = x.shape[-1]
     nk = ceil_div(K, g)
     rows = x.reshape(math.prod(x.shape[:-1]), K)
-    vrows = values.reshape(rows.shape)
     scales = np.ones((rows.shape[0], nk), np.float32)
-    step = max(1, _CHUNK // max(1, nk * g))
-
-    def span_rows(a: int, z: int) -> None:
-        for r0 in range(a, z, step):
-            r1 = min(z, r0 + step)
-            src, fresh = _as_float32(rows[r0:r1], nk * g)
-            shape = (r1 - r0, nk, g)
-            scales[r0:r1] = s = _scale(_amax(src.reshape(shape), (2,)), qmax)
-            c = _divided(src, fresh, s[..., None], shape)
-            _encode(c[:, :K], vrows[r0:r1], precision, s)
-
     if nk:
-        parallel_spans(span_rows, rows.shape[0], x.size, step)
+        parallel_spans(lambda a, z: quantize_rows(rows[a:z], values.reshape(rows.shape)[a:z],
+                                                  scales[a:z], precision, g),
+                       rows.shape[0], x.size, _row_step(K, g))
     return values, scales.reshape(*x.shape[:-1], nk)
 
 
+def _row_step(K: int, g: int) -> int:
+    """Rows per chunk of row quantisation."""
+    return max(1, _CHUNK // max(1, ceil_div(K, g) * g))
+
+
+def quantize_rows(rows: np.ndarray, values: np.ndarray, scales: np.ndarray, precision: str,
+                  g: int) -> None:
+    """Row quantisation of ``rows`` [R, K] into ``values`` [R, K] and ``scales``
+    [R, ceil(K/g)], chunk by chunk on the calling thread."""
+    K = rows.shape[1]
+    nk, step = ceil_div(K, g), _row_step(K, g)
+    qmax = np.float32(QMAX[precision])
+    for r0 in range(0, rows.shape[0], step):
+        r1 = min(rows.shape[0], r0 + step)
+        src, fresh = _as_float32(rows[r0:r1], nk * g)
+        shape = (r1 - r0, nk, g)
+        scales[r0:r1] = s = _scale(_amax(src.reshape(shape), (2,)), qmax)
+        c = _divided(src, fresh, s[..., None], shape)
+        _encode(c[:, :K], values[r0:r1], precision, s)
+
+
 def _padded(x: np.ndarray, width: int) -> np.ndarray:
-    """``x`` [r, n] as a fresh float32 [r, max(n, width)] (zero padded on the right)."""
+    """``x`` [r, n] as float32 [r, max(n, width)] (zero padded on the right), in the calling
+    thread's chunk scratch (overwritten by the next chunk)."""
+    out = scratch("chunk", (x.shape[0], max(x.shape[1], width)), np.float32)
     with np.errstate(over="ignore"):  # float64 beyond float32's range: caught by _scale
-        if x.shape[1] >= width:
-            return x.astype(np.float32)
-        out = np.zeros((x.shape[0], width), np.float32)
-        out[:, : x.shape[1]] = x
-        return out
+        np.copyto(out[:, : x.shape[1]], x, casting="unsafe")
+    out[:, x.shape[1]:] = 0
+    return out
 
 
 def _as_float32(x: np.ndarray, width: int) -> tuple[np.ndarray, bool]:
-    """``(x as float32 [r, max(n, width)], whether that is a fresh copy)``: x itself when it is
-    float32 and wide enough, so that the division can write straight into new memory."""
+    """``(x as float32 [r, max(n, width)], whether that is a scratch copy)``: x itself when it
+    is float32 and wide enough, so that the division can write straight into scratch."""
     if x.dtype == np.float32 and x.shape[1] >= width:
         return x, False
     return _padded(x, width), True
@@ -178,8 +200,8 @@ def _as_float32(x: np.ndarray, width: int) -> tuple[np.ndarray, bool]:
 
 def _divided(x: np.ndarray, fresh: bool, s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """float32 ``x / s`` (``s`` broadcast over x viewed as ``shape``): in place when ``x`` is a
-    ``fresh`` copy, else into a new array (no copy of x first)."""
-    out = x if fresh else np.empty(x.shape, np.float32)
+    scratch copy, else into scratch (no copy of x first)."""
+    out = x if fresh else scratch("divided", x.shape, np.float32)
     np.divide(x.reshape(shape), s, out=out.reshape(shape))
     return out
 
@@ -187,7 +209,8 @@ def _divided(x: np.ndarray, fresh: bool, s: np.ndarray, shape: tuple[int, ...]) 
 def _amax(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
     """Max of |x| over ``axis``: on the bit patterns, where int max is a fast SIMD reduction
     (non-negative floats order like their bits)."""
-    bits = np.bitwise_and(x.view(np.int32), np.int32(0x7FFFFFFF))
+    bits = np.bitwise_and(x.view(np.int32), np.int32(0x7FFFFFFF),
+                          out=scratch("amax", x.shape, np.int32))
     return bits.max(axis=axis, initial=0).view(np.float32)
 
 
@@ -201,7 +224,7 @@ def _scale(amax: np.ndarray, qmax: np.float32) -> np.ndarray:
 
 def _encode(scaled: np.ndarray, out: np.ndarray, precision: str, scales: np.ndarray) -> None:
     """Saturate and round float32 ``x / scale`` (``scaled``, overwritten) to nearest even into
-    ``out``.
+    ``out``: storage codes, or float32 numbers when ``out`` is float32.
 
     With normal (not subnormal) scales ``|x| / scale <= qmax * (1 + 2u)``, which rounds to at
     most qmax, so the saturation pass is needed only when a scale is subnormal (clipping to the
@@ -212,30 +235,57 @@ def _encode(scaled: np.ndarray, out: np.ndarray, precision: str, scales: np.ndar
         np.clip(scaled, -qmax, qmax, out=scaled)
     if precision == "int8":
         np.rint(scaled, out=out, casting="unsafe")
+    elif out.dtype == np.float32:
+        round_fp8(scaled, out, *_FP8_LAYOUT[precision])
     else:
-        mbits, bias = _FP8_LAYOUT[precision]
-        _encode_fp8(scaled, out.view(np.uint8), mbits, bias)
+        _encode_fp8(scaled, out.view(np.uint8), *_FP8_LAYOUT[precision])
 
 
 def _encode_fp8(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
     """Bit codes of float32 ``x`` (finite, within the format's range) rounded to nearest even
     into an fp8 format with ``mbits`` mantissa bits and exponent ``bias`` (bitwise what
-    ml_dtypes' cast gives, about 3x faster since it runs as vector integer ops)."""
-    u = np.ascontiguousarray(x).view(np.uint32)
-    a = u & np.uint32(0x7FFFFFFF)
-    shift = 23 - mbits
-    # normal numbers: round the mantissa to mbits (ties to even), re-bias the exponent
-    r = (a >> np.uint32(shift)) & np.uint32(1)
-    r += a
-    r += np.uint32(((1 << (shift - 1)) - 1 - ((127 - bias) << 23)) % (1 << 32))
-    r >>= np.uint32(shift)
-    sub = a < np.uint32((128 - bias) << 23)  # below the smallest normal 2**(1 - bias)
-    if sub.any():  # subnormals: multiples of 2**(1 - bias - mbits), rounded to even
-        s = np.abs(x) * np.float32(2.0 ** (bias - 1 + mbits))
-        np.rint(s, out=s)
-        np.copyto(r, s, casting="unsafe", where=sub)
-    r |= (u >> np.uint32(24)) & np.uint32(0x80)
-    np.copyto(out, r, casting="unsafe")
+    ml_dtypes' cast gives, several times faster).
+
+    ``x`` is rounded onto the grid in float32 (:func:`_round_to_grid`), then multiplied by
+    ``2**(bias - 127)``: exact, it turns float32's exponent field into the fp8 one and the fp8
+    subnormals into float32 subnormals with the same mantissa bits (this relies on gradual
+    underflow, numpy's default), so the code is the float32 bits shifted right by
+    ``23 - mbits`` (the sign lands above the low byte and is put back from ``x``).
+    """
+    grid = scratch("fp8-grid", x.shape, np.float32)
+    _round_to_grid(x, grid, mbits, bias)
+    grid *= np.float32(2.0 ** (bias - 127))
+    codes = grid.view(np.uint32)
+    codes >>= np.uint32(23 - mbits)
+    np.copyto(out, codes, casting="unsafe")
+    sign = np.signbit(x, out=scratch("fp8-sign", x.shape, bool)).view(np.uint8)
+    sign <<= np.uint8(7)
+    out |= sign
+
+
+def round_fp8(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
+    """float32 ``x`` (finite, within the format's range) rounded to nearest even onto the grid
+    of an fp8 format (``mbits`` mantissa bits, exponent ``bias``), as float32 into ``out``:
+    bitwise the decoded :func:`_encode_fp8` codes, -0.0 included."""
+    _round_to_grid(x, out, mbits, bias)
+    np.copysign(out, x, out=out)
+
+
+def _round_to_grid(x: np.ndarray, out: np.ndarray, mbits: int, bias: int) -> None:
+    """``x`` rounded to nearest even onto the fp8 grid into ``out`` (float32), except that
+    what rounds to zero comes out +0.0.
+
+    Adding ``1.5 * 2**23 * q`` (an even multiple of ``q``, the grid's spacing at ``x``: ``x``'s
+    power of two over ``2**mbits``, at least the subnormal spacing ``2**(1 - bias - mbits)``)
+    makes float32 round ``x`` to a multiple of ``q``, ties to even; subtracting it again is
+    exact.
+    """
+    magic = np.bitwise_and(x.view(np.uint32), np.uint32(0x7F800000), out=out.view(np.uint32))
+    np.maximum(magic, np.uint32((128 - bias) << 23), out=magic)  # the subnormal binade's
+    magic += np.uint32(((23 - mbits) << 23) | (1 << 22))  # 2**e -> 1.5 * 2**(e + 23 - mbits)
+    m = magic.view(np.float32)
+    total = np.add(x, m, out=scratch("fp8-sum", x.shape, np.float32))
+    np.subtract(total, m, out=out)
 
 
 def decode(values: np.ndarray) -> np.ndarray:
@@ -255,9 +305,9 @@ def gemm(call: GemmCall) -> np.ndarray:
     if prec == "int8":
         out = _int8_gemm(a, b, call)
     elif prec in QUANTIZED_PRECISIONS:
-        av, sa = _operand(a, call.a_scale, prec, "row", g)
-        bv, sb = _operand(b, call.b_scale, prec, "block", g)
-        out = _matmul(_dequant_a(av, sa, g), _dequant_b(bv, sb, g))
+        av, sa = _float_operand(a, call.a_scale, prec, "row", g)
+        bv, sb = _float_operand(b, call.b_scale, prec, "block", g)
+        out = _matmul(_scaled_a(av, sa, g), _scaled_b(bv, sb, g))
     else:
         out = _matmul(round_float(a, prec, copy=False).astype(np.float32, copy=False),
                       round_float(b, prec, copy=False).astype(np.float32, copy=False))
@@ -277,11 +327,12 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a, b)
 
 
-def _operand(x: np.ndarray, scale, prec: str, granularity: str, g: int):
-    """Storage values and their scale (``None`` = 1): given, or quantised on the fly."""
+def _float_operand(x: np.ndarray, scale, prec: str, granularity: str, g: int):
+    """The fp8/int8 values as a fresh float32 array and their scale (``None`` = 1): given
+    storage values decoded, or float inputs quantised on the fly straight into float32."""
     if x.dtype in _STORAGE_PRECISION:
-        return x, scale
-    return quantize_values(x, prec, granularity, g)
+        return decode(x), scale
+    return quantize_values(x, prec, granularity, g, np.dtype(np.float32))
 
 
 def _expand_last(s: np.ndarray, g: int, k: int) -> np.ndarray:
@@ -289,66 +340,153 @@ def _expand_last(s: np.ndarray, g: int, k: int) -> np.ndarray:
     return np.repeat(s, g, axis=-1)[..., :k]
 
 
-def _dequant_a(values: np.ndarray, scale, g: int) -> np.ndarray:
-    a = decode(values)
+def _scaled_a(a: np.ndarray, scale, g: int) -> np.ndarray:
+    """``a`` [..., M, K] times its scale (scalar, [..., M, 1] or [..., M, ceil(K/g)]), in
+    place."""
     if scale is None:
         return a
     s = np.asarray(scale, np.float32)
+    K = a.shape[-1]
     if s.ndim and s.shape[-1] != 1:
-        s = _expand_last(s, g, a.shape[-1])
+        if K % g == 0 and a.flags.c_contiguous:  # per group: a view [..., M, K/g, g]
+            view = a.reshape(*a.shape[:-1], K // g, g)
+            view *= s[..., None]
+            return a
+        s = _expand_last(s, g, K)
     a *= s
     return a
 
 
-def _dequant_b(values: np.ndarray, scale, g: int) -> np.ndarray:
-    b = decode(values)
+def _scaled_b(b: np.ndarray, scale, g: int) -> np.ndarray:
+    """``b`` [K, N] times its scale (scalar, [1, N] or [ceil(K/g), ceil(N/g)]), in place."""
     if scale is None:
         return b
     s = np.asarray(scale, np.float32)
-    if s.ndim and (s.shape[0] != 1 or s.shape[1] not in (1, b.shape[1])):  # per block
-        s = _expand_last(np.repeat(s, g, axis=0)[: b.shape[0]], g, b.shape[1])
+    K, N = b.shape
+    if s.ndim and (s.shape[0] != 1 or s.shape[1] not in (1, N)):  # per block
+        if K % g == 0 and N % g == 0 and b.flags.c_contiguous:  # a view [K/g, g, N/g, g]
+            view = b.reshape(K // g, g, N // g, g)
+            view *= s[:, None, :, None]
+            return b
+        s = _expand_last(np.repeat(s, g, axis=0)[:K], g, N)
     b *= s
     return b
 
 
 def _int8_gemm(a: np.ndarray, b: np.ndarray, call: GemmCall) -> np.ndarray:
-    """Exact integer products of int8 values, scaled per quantisation group, float64."""
+    """Exact integer products per scale group, scaled and summed across the groups.
+
+    Each group's product of the integer-valued float32 operands is exact in float32 BLAS (at
+    most :data:`EXACT_K` terms; longer groups sum their chunks in float64). It is multiplied by
+    the group's rank-1 scale (row scale x column scale, one product per row and column block)
+    and added to the sum, in float64 for float64 output and in float32 otherwise (as the OpenCL
+    backend does). Panels of rows of ``a`` run on every CPU with BLAS on one thread each; a
+    panel is quantised (or converted) where it is used, and its product and sum stay in cache
+    between the passes.
+    """
     g = call.group_size
-    av, sa = _operand(a, call.a_scale, "int8", "row", g)
-    bv, sb = _operand(b, call.b_scale, "int8", "block", g)
-    *lead, M, K = av.shape
+    bv, sb = _float_operand(b, call.b_scale, "int8", "block", g)
+    *lead, M, K = a.shape
     N = bv.shape[1]
-    if K == 0:
-        return np.zeros((*lead, M, N), np.float64)
-    a2 = av.reshape(math.prod(av.shape[:-1]), K).astype(np.float32)
-    b2 = bv.astype(np.float32)
-    sa = np.ones((1, 1)) if sa is None else np.asarray(sa, np.float64)
-    sa = sa.reshape(1, 1) if sa.ndim == 0 else sa.reshape(-1, sa.shape[-1])
-    sb = np.ones((1, 1)) if sb is None else np.asarray(sb, np.float64)
-    sb = sb.reshape(1, 1) if sb.ndim == 0 else sb
-    if sb.shape[0] > 1 or sb.shape[1] not in (1, N):
-        sb = _expand_last(sb, g, N)  # [ceil(K/g), ceil(N/g)] -> [ceil(K/g), N]
-    grouped = sa.shape[1] > 1 or sb.shape[0] > 1
-    bounds = [(k0, min(K, k0 + g)) for k0 in range(0, K, g)] if grouped else [(0, K)]
-    acc = np.zeros((a2.shape[0], N), np.float64)
-    for gi, (k0, k1) in enumerate(bounds):
-        part = _exact_dot(a2[:, k0:k1], b2[k0:k1])
-        if grouped:
-            part *= sa[:, gi if sa.shape[1] > 1 else 0, None]
-            part *= sb[gi if sb.shape[0] > 1 else 0]
-        acc += part
-    if not grouped:
-        acc *= sa
-        acc *= sb
-    return acc.reshape(*lead, M, N)
+    rows_of_a = _RowsOfA(a.reshape(math.prod(a.shape[:-1]), K), call.a_scale, g)
+    acc_dtype = np.dtype(np.float64 if call.out_dtype == "float64" else np.float32)
+    out = np.zeros((rows_of_a.a.shape[0], N), acc_dtype)
+    if K and out.size:
+        plan = _GroupScales.build(rows_of_a.groups, sb, K, N, g, acc_dtype)
+        rows = max(8, min(512, _PANEL // N))
+        parallel_spans(lambda r0, r1: _int8_rows(rows_of_a, bv, plan, out, r0, r1, rows),
+                       out.shape[0], out.size * len(plan.bounds), rows)
+    return out.reshape(*lead, M, N)
 
 
-def _exact_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact float64 product of integer-valued float32 matrices (|entries| <= 128)."""
+class _RowsOfA:
+    """Panels of rows of ``a`` [R, K] as integer-valued float32 with their scales: int8 storage
+    converted, float rows quantised by row, in the calling thread's scratch."""
+
+    def __init__(self, a: np.ndarray, scale, g: int) -> None:
+        self.a, self.g = a, g
+        self.stored = a.dtype in _STORAGE_PRECISION
+        if self.stored:
+            s = np.ones((1, 1)) if scale is None else np.asarray(scale, np.float64)
+            self.scales = s.reshape(1, 1) if s.ndim == 0 else s.reshape(-1, s.shape[-1])
+        #: scales per row: one per group of K, or one for the whole row
+        self.groups = self.scales.shape[1] if self.stored else ceil_div(a.shape[1], g)
+
+    def panel(self, m0: int, m1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``m0:m1`` (valid until the thread's next panel) and their scales
+        [rows or 1, groups]."""
+        values = scratch("gemm-a", (m1 - m0, self.a.shape[1]), np.float32)
+        if self.stored:
+            np.copyto(values, self.a[m0:m1], casting="unsafe")
+            return values, self.scales if self.scales.shape[0] == 1 else self.scales[m0:m1]
+        scales = scratch("gemm-a-scales", (m1 - m0, self.groups), np.float32)
+        quantize_rows(self.a[m0:m1], values, scales, "int8", self.g)
+        return values, scales
+
+
+@dataclass(frozen=True)
+class _GroupScales:
+    """The K spans of an int8 gemm and b's scales: ``cols[j]`` (one per ``width`` columns,
+    [nj, N // width], float64) scales span ``j``; the products with a's scales are applied in
+    ``dtype``."""
+
+    bounds: list[tuple[int, int]]
+    cols: np.ndarray
+    width: int
+    dtype: np.dtype
+
+    @classmethod
+    def build(cls, a_groups: int, sb, K: int, N: int, g: int, dtype: np.dtype) -> _GroupScales:
+        """The spans (groups of g when a or b has per-group scales, else all of K) and b's
+        scale forms of DESIGN 3.2 (scalar, per column or per block) normalised."""
+        cols = np.ones((1, 1)) if sb is None else np.asarray(sb, np.float64)
+        cols, width = cols.reshape(1, 1) if cols.ndim == 0 else cols, N
+        if cols.shape[0] > 1 or cols.shape[1] not in (1, N):  # per block
+            cols, width = (cols, g) if N % g == 0 else (_expand_last(cols, g, N), 1)
+        elif cols.shape[1] == N:  # per column
+            width = 1
+        grouped = a_groups > 1 or cols.shape[0] > 1
+        bounds = [(k0, min(K, k0 + g)) for k0 in range(0, K, g)] if grouped else [(0, K)]
+        return cls(bounds, cols, width, dtype)
+
+    def of(self, i: int, rows: np.ndarray) -> np.ndarray:
+        """The scale of span ``i`` given the panel's row scales ``rows`` [rows or 1, groups]:
+        [rows or 1, N // width, 1], in ``dtype`` unless rounding the product to float32 would
+        lose it (it overflows, or underflows into the subnormals): then in float64."""
+        col = self.cols[i if self.cols.shape[0] > 1 else 0]
+        wide = (rows[:, i if rows.shape[1] > 1 else 0, None].astype(np.float64) * col)[:, :, None]
+        scale = wide.astype(self.dtype)
+        with np.errstate(invalid="ignore"):
+            if np.all((np.abs(scale) >= _TINY) & np.isfinite(scale) | (wide == 0)):
+                return scale
+        return wide
+
+
+def _int8_rows(rows_of_a: _RowsOfA, b: np.ndarray, plan: _GroupScales, out: np.ndarray,
+               r0: int, r1: int, rows: int) -> None:
+    """``out[r0:r1]`` of the int8 gemm, in panels of ``rows`` rows."""
+    N, w = b.shape[1], plan.width
+    buf = scratch("gemm-product", (min(rows, r1 - r0), N), np.float32)
+    wide = buf if out.dtype == buf.dtype else scratch("gemm-scaled", buf.shape, out.dtype)
+    for m0 in range(r0, r1, rows):
+        m1 = min(r1, m0 + rows)
+        a, a_scales = rows_of_a.panel(m0, m1)
+        acc = out[m0:m1].reshape(m1 - m0, N // w, w)
+        scaled = wide[: m1 - m0].reshape(acc.shape)
+        for i, (k0, k1) in enumerate(plan.bounds):
+            part = _exact_dot(a[:, k0:k1], b[k0:k1], buf[: m1 - m0]).reshape(acc.shape)
+            np.multiply(part, plan.of(i, a_scales), out=acc if i == 0 else scaled)
+            if i:
+                acc += scaled
+
+
+def _exact_dot(a: np.ndarray, b: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Exact product of integer-valued float32 matrices (|entries| <= 128): float32 in ``buf``
+    up to :data:`EXACT_K` terms, else float64 sums of such chunks."""
     k = a.shape[1]
     if k <= EXACT_K:
-        return (a @ b).astype(np.float64)
-    acc = np.zeros((a.shape[0], b.shape[1]), np.float64)
+        return np.matmul(a, b, out=buf)
+    acc = np.zeros(buf.shape, np.float64)
     for k0 in range(0, k, EXACT_K):
-        acc += a[:, k0:k0 + EXACT_K] @ b[k0:k0 + EXACT_K]
+        acc += np.matmul(a[:, k0:k0 + EXACT_K], b[k0:k0 + EXACT_K], out=buf)
     return acc
