@@ -344,7 +344,8 @@ def test_fp8_encoders_match_ml_dtypes_on_every_tie(fmt):
     # the float32 grid values (gemm's on-the-fly operands): the decoded codes, -0.0 included
     grid_values = np.empty(x.shape, np.float32)
     gemm_mod.round_fp8(x, grid_values, mbits, bias)
-    np.testing.assert_array_equal(_bits(grid_values), _bits(want.view(dtype).astype(np.float32)))
+    np.testing.assert_array_equal(op_cases.bits(grid_values),
+                                  op_cases.bits(want.view(dtype).astype(np.float32)))
 
 
 @pytest.mark.parametrize("precision", ["fp8_e4m3", "fp8_e5m2", "int8"])
@@ -360,7 +361,7 @@ def test_float32_operands_are_the_decoded_quantisation(precision):
             np.testing.assert_array_equal(scales, same)
             want = gemm_mod.decode(values)
             # fp8 bit for bit (-0.0 is a code); int8 has no -0: rint's -0.0 equals its 0
-            same_bits = _bits if precision != "int8" else np.asarray
+            same_bits = op_cases.bits if precision != "int8" else np.asarray
             np.testing.assert_array_equal(same_bits(as_float), same_bits(want))
             # scaled in place through a grouped view: what the expanded scales give
             if gran == "row":
