@@ -14,12 +14,14 @@ STAMP := $(VENV)/.dshal-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-dev.txt backends/opencl/pyproject.toml
+BACKENDS := backends/opencl backends/cupy backends/cuda backends/rocm
+
+$(STAMP): pyproject.toml requirements-dev.txt $(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e .
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps \
-		-e backends/opencl
+		$(addprefix -e ,$(BACKENDS))
 	touch $(STAMP)
 
 lint: venv
