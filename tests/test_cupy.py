@@ -217,3 +217,24 @@ def test_blas_plans():
 ])
 def test_scale_layouts(shape, K, N, want):
     assert scale_layout(shape, K, N, 32) == want
+
+
+def test_bf16_gemm_is_refused_below_compute_capability_8():
+    import numpy as np
+
+    import dshal
+    from dshal.capabilities import DeviceInfo
+    from dshal_cupy.blas import CC_KEY, arch_reasons
+
+    hooks = __import__("dshal_cuda.plugin", fromlist=["hooks"]).hooks
+    a = np.zeros((4, 8), np.float32)
+    sig = dshal.ops.signature("gemm", a, a.T.copy(), precision="bf16")
+    volta = DeviceInfo(present=True, name="V100", details={CC_KEY: "7.0"})
+    hopper = DeviceInfo(present=True, name="H200", details={CC_KEY: "9.0"})
+    assert hooks.dshal_call_check(sig, volta) == [
+        "precision=bf16 needs compute capability >= 8.0 in cuBLAS; device 0 has 7.0"]
+    assert hooks.dshal_call_check(sig, hopper) == []
+    fp16 = dshal.ops.signature("gemm", a, a.T.copy(), precision="fp16")
+    assert arch_reasons(fp16, volta) == [] and arch_reasons(sig, None) == []
+    rocm = __import__("dshal_rocm.plugin", fromlist=["hooks"]).hooks  # sgemm: no such limit
+    assert rocm.dshal_call_check(sig, volta) == []

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dshal.calls import GemmCall
+from dshal.capabilities import DeviceInfo, Signature
 from dshal.dtypes import numpy_dtype
 from dshal_kernels.host.gemm import ROUNDED_DTYPE, round_to
 from dshal_kernels.host.session import Session
@@ -44,6 +45,26 @@ _GEMM_EX = {
     "fp16": BlasPlan("float16", "CUDA_R_16F", "CUBLAS_COMPUTE_32F"),
 }
 _MATMUL = BlasPlan("float32")
+
+
+#: ``DeviceInfo.details`` key of the CUDA probe: compute capability per device ("8.0, 9.0")
+CC_KEY = "compute capabilities"
+#: the lowest compute capability whose cuBLAS runs gemmEx on each operand format
+MIN_CC = {"bf16": (8, 0)}
+
+
+def arch_reasons(signature: Signature, device: DeviceInfo | None) -> list[str]:
+    """Why a gemm precision cannot run in cuBLAS on the call's device (bf16 needs sm_80+)."""
+    need = MIN_CC.get(signature.precision or "") if signature.op == "gemm" else None
+    found = (device.details.get(CC_KEY, "") if device is not None else "").split(", ")
+    index = signature.device[1]
+    if need is None or index >= len(found) or not found[index]:
+        return []
+    have = tuple(int(x) for x in found[index].split("."))
+    if have >= need:
+        return []
+    return [f"precision={signature.precision} needs compute capability >= {need[0]}.{need[1]} "
+            f"in cuBLAS; device {index} has {found[index]}"]
 
 
 def blas_plan(precision: str, low_precision: bool) -> BlasPlan:

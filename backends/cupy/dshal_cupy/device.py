@@ -72,6 +72,10 @@ def probe(vendor: Vendor) -> DeviceInfo:
         return DeviceInfo(present=False, reason=f"no {vendor.label} device (device count 0)")
     props = [runtime.getDeviceProperties(i) for i in range(count)]
     details = {f"device {i}": describe(vendor, p) for i, p in enumerate(props)}
+    if not vendor.hip:
+        from dshal_cupy.blas import CC_KEY
+
+        details[CC_KEY] = ", ".join(f"{p['major']}.{p['minor']}" for p in props)
     details["streams"] = "CuPy's current stream; torch streams through DLPack"
     details["kernel cache"] = "CuPy's (CUPY_CACHE_DIR, default ~/.cupy/kernel_cache)"
     return DeviceInfo(present=True, name=_text(props[0]["name"]),

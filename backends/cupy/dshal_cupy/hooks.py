@@ -49,8 +49,14 @@ class CupyBackend:
 
     @hookimpl
     def dshal_call_check(self, signature: Signature, device: DeviceInfo) -> list[str]:
-        """int8 gemm sums exactly in int32 only up to K = 131071."""
-        return int8_k_reasons(signature)
+        """int8 gemm sums exactly in int32 only up to K = 131071; bf16 gemm in cuBLAS needs
+        compute capability 8.0."""
+        from dshal_cupy.blas import arch_reasons
+
+        reasons = int8_k_reasons(signature)
+        if self.vendor.blas_low_precision:
+            reasons += arch_reasons(signature, device)
+        return reasons
 
     def _run(self, op: str, call: Any, like: Any) -> Any:
         from dshal_cupy.device import Runtime
