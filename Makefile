@@ -1,7 +1,8 @@
 # make certify: set up .venv and certify every backend usable on this machine.
 # make test:    set up .venv and run the whole test suite (what CI runs), kernels-check included.
 # make kernels-check: compile every kernel for OpenCL (PoCL), CUDA sm_80/sm_90 (NVRTC) and HIP
-#               gfx90a (hipcc, installed with apt-get when missing); fails on any error.
+#               gfx90a (hipcc and hiprtc, installed with apt-get when missing); fails on any
+#               error.
 # make gpu-wheels: fill .whl/ with the pure-Python wheels benchmarks/gpu/check.sh installs on
 #               an offline GPU machine (ml_dtypes for CPython 3.10-3.13, rich, threadpoolctl,
 #               hypothesis and their dependencies); carry .whl/ along with the checkout.
