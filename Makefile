@@ -1,7 +1,11 @@
 # make certify: set up .venv and certify every backend usable on this machine.
 # make test:    set up .venv and run the whole test suite (what CI runs), kernels-check included.
 # make kernels-check: compile every kernel for OpenCL (PoCL), CUDA sm_80/sm_90 (NVRTC) and HIP
-#               gfx90a (hipcc, installed with apt-get when missing); fails on any error.
+#               gfx90a (hipcc and hiprtc, installed with apt-get when missing); fails on any
+#               error.
+# make gpu-wheels: fill .whl/ with the pure-Python wheels benchmarks/gpu/check.sh installs on
+#               an offline GPU machine (ml_dtypes for CPython 3.10-3.13, rich, threadpoolctl,
+#               hypothesis and their dependencies); carry .whl/ along with the checkout.
 # make bench:   set up .venv, time dshal and its peers side by side, print one table per
 #               operator; each run's JSON is saved under .benchmarks/ (named by commit) for
 #               `pytest-benchmark compare`, the last one also as .benchmarks/latest.json.
@@ -10,11 +14,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dshal-installed
 
-.PHONY: venv test certify lint bench clean kernels-check
+.PHONY: venv test certify lint bench clean kernels-check gpu-wheels
 
 venv: $(STAMP)
 
-BACKENDS := backends/opencl backends/torch backends/ascend
+BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backends/cuda \
+	backends/rocm
 
 $(STAMP): pyproject.toml requirements-dev.txt $(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +46,21 @@ bench: venv
 		--benchmark-columns=median,min,rounds --benchmark-autosave \
 		--benchmark-json=.benchmarks/latest.json
 
+GPU_WHEEL_PYTHONS := 3.10 3.11 3.12 3.13
+
+gpu-wheels: venv
+	for v in $(GPU_WHEEL_PYTHONS); do \
+		$(PY) -m pip download --quiet --disable-pip-version-check --no-deps -d .whl \
+			--only-binary=:all: --python-version $$v --platform manylinux2014_x86_64 \
+			ml_dtypes || exit 1; \
+		$(PY) -m pip download --quiet --disable-pip-version-check -d .whl \
+			--only-binary=:all: --python-version $$v --platform manylinux2014_x86_64 \
+			hypothesis rich threadpoolctl exceptiongroup || exit 1; \
+	done
+
 certify: venv
 	$(VENV)/bin/dshal info
 	$(VENV)/bin/dshal certify
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache certificates .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache certificates .benchmarks .whl gpu-check

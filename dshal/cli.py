@@ -67,6 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     def cell(v: Any) -> str:
@@ -98,7 +99,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 out.print(f"  {key}: {value}", highlight=False, markup=False)
     for r in rows:
         if r["error"]:
-            out.print(f"[bold]{r['name']}[/]: {r['error']}", highlight=False)
+            # errors are plain text: "[cuda12]" in an install hint is not rich markup
+            out.print(f"[bold]{r['name']}[/]: {escape(r['error'])}", highlight=False)
     if not rows:
         out.print("no backend installed (expected at least the built-in 'numpy')")
         return 1

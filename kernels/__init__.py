@@ -222,7 +222,9 @@ def check_variants() -> dict[str, list[Defines]]:
     return {
         "attention": [AttentionDefines.make("float32", 64, 64, 8, True),
                       AttentionDefines.make("float16", 160, 160, 1, False),
-                      AttentionDefines.make("bfloat16", 3, 17, 1, True)],
+                      AttentionDefines.make("bfloat16", 3, 17, 1, True),
+                      # the GPU backends' shape: one head per thread, D = 128
+                      AttentionDefines.make("bfloat16", 128, 128, 1, True)],
         "gemm": [GemmDefines.make("float32", "float32", "fp32", "float32"),
                  GemmDefines.make("bfloat16", "bfloat16", "tf32", "bfloat16", "bfloat16"),
                  GemmDefines.make("float16", "float16", "fp16", "float16", "float16"),
@@ -234,7 +236,11 @@ def check_variants() -> dict[str, list[Defines]]:
                      QuantizeDefines.make("bfloat16", "int8"),
                      QuantizeDefines.make("float32", "tf32"),
                      QuantizeDefines.make("float32", "bf16"),
-                     QuantizeDefines.make("float16", "fp16")],
+                     QuantizeDefines.make("float16", "fp16"),
+                     # the CuPy backends round BLAS operands from any float dtype
+                     QuantizeDefines.make("bfloat16", "tf32"),
+                     QuantizeDefines.make("float16", "bf16"),
+                     QuantizeDefines.make("bfloat16", "fp32")],
         "gated": [GatedDefines.make("float32", "hard", False),
                   GatedDefines.make("float16", "soft", False),
                   GatedDefines.make("bfloat16", "soft_hard", True, "float32")],

@@ -2,7 +2,8 @@
 
 Targets: OpenCL C on the first OpenCL device (PoCL's CPU device in CI, through pyopencl), CUDA
 sm_80 and sm_90 through NVRTC (``cuda-bindings`` + ``nvidia-cuda-nvrtc``: cubins, no GPU
-needed) and HIP gfx90a through ``hipcc --genco`` (Debian's ``hipcc``). Each kernel is compiled
+needed), HIP gfx90a through ``hipcc --genco`` (Debian's ``hipcc``) and through hiprtc (the
+compiler CuPy's ROCm build uses; Debian's ``libamdhip64`` carries it). Each kernel is compiled
 with every define set of :func:`dshal_kernels.check_variants`, so each ``#if`` path is seen by
 each compiler. A missing compiler is an error, never a silent skip.
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dshal_kernels import KERNELS, Defines, Target, check_variants, source
 
@@ -95,12 +97,60 @@ def compile_hip(name: str, options: Sequence[str], arch: str) -> bytes:
         return out.read_bytes()
 
 
+#: libraries that export hiprtc: ROCm >= 6 ships libhiprtc, earlier ones (and Debian's
+#: libamdhip64-5, installed with hipcc) keep it in libamdhip64
+_HIPRTC_LIBS = ("libhiprtc.so", "libhiprtc.so.6", "libamdhip64.so", "libamdhip64.so.5")
+
+
+def _hiprtc() -> Any:
+    import ctypes
+
+    for name in _HIPRTC_LIBS:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        if hasattr(lib, "hiprtcCreateProgram"):
+            return lib
+    raise CompileError(f"hiprtc not found (tried {', '.join(_HIPRTC_LIBS)}): install hipcc "
+                       "(apt-get install -y hipcc) or ROCm")
+
+
+def compile_hiprtc(name: str, options: Sequence[str], arch: str) -> bytes:
+    """Compile ``name`` with hiprtc (what CuPy's ROCm build uses at run time) for ``arch``
+    (e.g. ``"gfx90a"``); the code object. Needs the library, not a GPU."""
+    import ctypes
+
+    lib = _hiprtc()
+    prog = ctypes.c_void_p()
+    if lib.hiprtcCreateProgram(ctypes.byref(prog), source(name).encode(),
+                               f"{name}.hip".encode(), 0, None, None) != 0:
+        raise CompileError("hiprtcCreateProgram failed")
+    try:
+        opts = [f"--offload-arch={arch}".encode(), *(o.encode() for o in options)]
+        status = lib.hiprtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        if status != 0:
+            lib.hiprtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value + 1)
+            lib.hiprtcGetProgramLog(prog, log)
+            raise CompileError(log.value.decode(errors="replace").strip()
+                               or f"hiprtcCompileProgram returned {status}")
+        lib.hiprtcGetCodeSize(prog, ctypes.byref(size))
+        code = ctypes.create_string_buffer(size.value)
+        lib.hiprtcGetCode(prog, code)
+        return code.raw
+    finally:
+        lib.hiprtcDestroyProgram(ctypes.byref(prog))
+
+
 #: target name -> compile(kernel name, options) -> binary
 TARGETS: dict[str, Callable[[str, Sequence[str]], bytes]] = {
     "opencl": compile_opencl,
     "cuda-sm_80": lambda n, o: compile_nvrtc(n, o, "sm_80"),
     "cuda-sm_90": lambda n, o: compile_nvrtc(n, o, "sm_90"),
     "hip-gfx90a": lambda n, o: compile_hip(n, o, "gfx90a"),
+    "hiprtc-gfx90a": lambda n, o: compile_hiprtc(n, o, "gfx90a"),
 }
 
 
@@ -112,8 +162,10 @@ def check(targets: Sequence[str], kernels: Sequence[str] | None = None
     for kernel in kernels or list(KERNELS):
         for target in targets:
             error = ""
+            # the device facts each backend passes: CUDA and HIP divide correctly rounded
+            facts = Target(HAS_CR_DIV=not target.startswith("opencl"))
             for defines in variants[kernel]:
-                options = [*defines.options(), *Target().options()]
+                options = [*defines.options(), *facts.options()]
                 try:
                     TARGETS[target](kernel, options)
                 except CompileError as exc:

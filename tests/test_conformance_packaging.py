@@ -35,6 +35,8 @@ def test_every_package_directory_is_in_the_distribution() -> None:
     config = _setuptools_config()
     found = {".".join(p.parent.relative_to(ROOT).parts)
              for p in (ROOT / "dshal").rglob("__init__.py")}
+    found |= {".".join(("dshal_kernels", *p.parent.relative_to(ROOT / "kernels").parts))
+              for p in (ROOT / "kernels").rglob("__init__.py")}
     assert found <= set(config["packages"])
     assert config["package-dir"]["dshal_conformance"] == "conformance"
     for package, directory in config["package-dir"].items():
@@ -59,6 +61,7 @@ def test_wheel_ships_the_suite_and_certify_runs_from_it(tmp_path: Path) -> None:
     for module in ("runner", "cases", "tolerance", "cli", "conftest", "test_conformance"):
         assert f"dshal_conformance/{module}.py" in names
     assert "dshal/backends/numpy/plugin.py" in names
+    assert "dshal_kernels/host/attention.py" in names and "dshal_kernels/gemm.cl" in names
     site = tmp_path / "site"
     installed = _run([*PIP, "install", "--no-deps", "--target", str(site), str(wheel)], tmp_path)
     assert installed.returncode == 0, installed.stderr

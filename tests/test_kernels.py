@@ -56,12 +56,21 @@ def _broken(name: str) -> str:
     return source(name).replace("int i = GLOBAL_ID(0);", "int i = GLOBAL_ID(0)", 1)
 
 
-@pytest.mark.parametrize("target", ["opencl", "cuda-sm_80"])
+def _need_hiprtc() -> None:
+    try:
+        check._hiprtc()
+    except check.CompileError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("target", ["opencl", "cuda-sm_80", "hiprtc-gfx90a"])
 def test_a_compile_error_fails_the_check_with_the_log(monkeypatch, target, capsys):
     if target == "opencl":
         pytest.importorskip("pyopencl")
-    else:
+    elif target.startswith("cuda"):
         pytest.importorskip("cuda.bindings")
+    else:
+        _need_hiprtc()
     monkeypatch.setattr(check, "source", _broken)
     results = check.check([target], ["quantize"])
     err = results["quantize", target]
@@ -82,3 +91,15 @@ def test_a_missing_hipcc_is_an_error_not_a_skip(monkeypatch):
     monkeypatch.setattr(check.shutil, "which", lambda name: None)
     with pytest.raises(check.CompileError, match="hipcc not found"):
         check.compile_hip("gemm", [], "gfx90a")
+
+
+def test_hiprtc_produces_a_code_object():
+    _need_hiprtc()
+    code = check.compile_hiprtc("quantize", dshal_kernels.QuantizeDefines().options(), "gfx90a")
+    assert code[:4] == b"\x7fELF" or code.startswith(b"__CLANG_OFFLOAD_BUNDLE__")
+
+
+def test_a_missing_hiprtc_is_an_error_not_a_skip(monkeypatch):
+    monkeypatch.setattr(check, "_HIPRTC_LIBS", ("libdshal-no-such-hiprtc.so",))
+    with pytest.raises(check.CompileError, match="hiprtc not found"):
+        check.compile_hiprtc("gemm", [], "gfx90a")

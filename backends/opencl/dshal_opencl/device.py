@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from dshal.errors import BackendRuntimeError
+from dshal_kernels import Defines
 from dshal_opencl.errors import DeviceSelectionError, OpenCLAllocationError
 
 ENV = "DSHAL_OPENCL_DEVICE"
@@ -157,11 +158,27 @@ class Runtime:
 
 
 class Session:
-    """Buffers of one call on one :class:`Runtime`."""
+    """Buffers of one call on one :class:`Runtime` (the
+    :class:`dshal_kernels.host.session.Session` the shared launch sequences run in)."""
+
+    xp = np
 
     def __init__(self, rt: Runtime, op: str) -> None:
+        import pyopencl as cl
+
         self.rt, self.op, self.in_use = rt, op, 0
+        self.cpu = bool(rt.device.type & cl.device_type.CPU)
         self._buffers: list[Any] = []
+
+    def program(self, defines: Defines) -> Any:
+        """The program of ``defines`` on this device (built once per process)."""
+        from dshal_opencl.programs import programs
+
+        return programs().get(defines)
+
+    @staticmethod
+    def host(x: Any) -> np.ndarray:
+        return np.asarray(x)
 
     def alloc_error(self, what: str, nbytes: int, exc: Exception) -> OpenCLAllocationError:
         rt = self.rt

@@ -15,14 +15,14 @@ from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability, Signature
 from dshal.dtypes import PRECISIONS, QUANT_DTYPES
 from dshal.hookspec import hookimpl
+from dshal_kernels.host import RUNNERS
+from dshal_kernels.host.gemm import int8_k_reasons
 from dshal_opencl import __version__
 
 NAME = "opencl"
 FLOATS = frozenset({"float16", "bfloat16", "float32"})
 #: largest head dim: q and the accumulators of one head live in a work-item's registers
 MAX_HEAD_DIM = 256
-#: largest K of an int8 gemm: exact int32 sums need 128 * 128 * K < 2**31
-INT8_MAX_K = (2**31 - 1) // (128 * 128)
 
 
 @hookimpl
@@ -81,38 +81,34 @@ def dshal_device_probe() -> DeviceInfo:
 
 @hookimpl
 def dshal_call_check(signature: Signature, device: DeviceInfo) -> list[str]:
-    """int8 gemm sums exactly in int32 only up to :data:`INT8_MAX_K`."""
-    sizes = dict(signature.sizes)
-    if signature.op == "gemm" and signature.precision == "int8" \
-            and sizes.get("k", 0) > INT8_MAX_K:
-        return [f"k={sizes['k']} exceeds {INT8_MAX_K} for precision=int8 (exact int32 "
-                "accumulation needs 128*128*k < 2**31)"]
-    return []
+    """int8 gemm sums exactly in int32 only up to K = 131071
+    (:data:`dshal_kernels.host.gemm.INT8_MAX_K`)."""
+    return int8_k_reasons(signature)
+
+
+def _run(op: str, call: Any) -> Any:
+    """Run ``op`` through its shared launch sequence in one device session."""
+    from dshal_opencl.device import Runtime
+
+    with Runtime.get().session(op) as s:
+        return RUNNERS[op](s, call)
 
 
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
-    from dshal_opencl.attention import sparse_attention
-
-    return sparse_attention(call)
+    return _run("sparse_attention", call)
 
 
 @hookimpl
 def dshal_quantize_run(call: QuantizeCall) -> tuple[Any, Any]:
-    from dshal_opencl.gemm import quantize
-
-    return quantize(call)
+    return _run("quantize", call)
 
 
 @hookimpl
 def dshal_gemm_run(call: GemmCall) -> Any:
-    from dshal_opencl.gemm import gemm
-
-    return gemm(call)
+    return _run("gemm", call)
 
 
 @hookimpl
 def dshal_gated_channels_run(call: GatedCall) -> tuple[Any, Any]:
-    from dshal_opencl.gated import gated_channels
-
-    return gated_channels(call)
+    return _run("gated_channels", call)

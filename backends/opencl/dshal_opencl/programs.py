@@ -11,26 +11,10 @@ import threading
 from typing import Any
 
 from dshal_kernels import Defines, Target, source
+from dshal_kernels.host.session import Program
 from dshal_opencl import cache
 from dshal_opencl.device import Runtime
 from dshal_opencl.errors import OpenCLBuildError
-
-
-class Program:
-    """A built program and its kernels by name."""
-
-    def __init__(self, prg: Any) -> None:
-        self._prg, self._kernels = prg, {}
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        kernel = self._kernels.get(name)
-        if kernel is None:
-            import pyopencl as cl
-
-            kernel = self._kernels[name] = cl.Kernel(self._prg, name)
-        return kernel
 
 
 class Programs:
@@ -53,8 +37,10 @@ class Programs:
         with self._lock:
             prg = self._built.get(key)
             if prg is None:
-                prg = self._built[key] = Program(
-                    self.build(defines.kernel, source(defines.kernel), list(options)))
+                import pyopencl as cl
+
+                built = self.build(defines.kernel, source(defines.kernel), list(options))
+                prg = self._built[key] = Program(lambda name: cl.Kernel(built, name))
             return prg
 
     def build(self, name: str, text: str, options: list[str]) -> Any:

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# GPU check of the cuda backend, from a checkout, on a machine with an NVIDIA GPU, CuPy, torch,
+# pluggy and pytest-benchmark (the NVIDIA H200 image): install the backends editable without
+# touching the network, `dshal info`, `dshal certify cuda --full`, then the benchmarks side by
+# side with torch (benchmarks/gpu/bench.py). Everything printed is also written under $OUT
+# (default ./gpu-check): info.txt, certificates/, certify.log, gpu-bench.{md,json}.
+#
+# Pure-Python dependencies the image may lack (ml_dtypes, rich, threadpoolctl, hypothesis and
+# theirs) are installed from wheels carried in .whl/ (no index): fill it on a connected machine
+# with `make gpu-wheels` and carry it along.
+#
+# Environment: PYTHON (default python3), OUT, CERTIFY=full|quick|skip (default full),
+# CERTIFY_TIMEOUT seconds (default 900), BENCH_ARGS (extra arguments for bench.py).
+# Exit status: 0 when every step passed, else the first failing step's status.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/gpu-check}"
+mkdir -p "$OUT"
+status=0
+step() { echo; echo "=== $*"; }
+fail() { echo "FAILED ($1): $2" >&2; [ "$status" -ne 0 ] || status=$1; }
+
+step "dependencies"
+missing=$("$PY" - <<'PYEOF'
+import importlib.util
+need = {"ml_dtypes": "ml_dtypes", "rich": "rich", "threadpoolctl": "threadpoolctl",
+        "hypothesis": "hypothesis", "pluggy": "pluggy", "cupy": None, "torch": None}
+gone = [pkg or mod for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+print(" ".join(gone))
+PYEOF
+)
+if [ -n "$missing" ]; then
+    case " $missing " in *" cupy "*|*" torch "*)
+        echo "cupy and torch must come with the machine's image (missing: $missing)" >&2
+        exit 2;;
+    esac
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "missing Python packages: $missing; no wheels in .whl/ to install them from." >&2
+        echo "On a connected machine run 'make gpu-wheels' and carry .whl/ along." >&2
+        exit 2
+    fi
+    "$PY" -m pip install --quiet --no-index --find-links .whl $missing || exit 2
+fi
+"$PY" -m pip install --quiet --no-deps --no-build-isolation -e . -e backends/cupy \
+    -e backends/cuda || exit 2
+
+step "dshal info"
+"$PY" -m dshal.cli info 2>&1 | tee "$OUT/info.txt"
+"$PY" -c "import dshal, sys; b = dshal.ops.backends()['cuda']; print(b.status, b.error); \
+sys.exit(0 if b.available else 1)" || { fail 3 "the cuda backend is not available"; exit 3; }
+
+case "${CERTIFY:-full}" in
+    skip) ;;
+    *) step "dshal certify cuda --${CERTIFY:-full}"
+       timeout "${CERTIFY_TIMEOUT:-900}" "$PY" -m dshal.cli certify cuda "--${CERTIFY:-full}" \
+           --out "$OUT/certificates" 2>&1 | tee "$OUT/certify.log"
+       rc=${PIPESTATUS[0]}
+       [ "$rc" -eq 0 ] || fail 4 "dshal certify cuda exited with $rc (see $OUT/certify.log)";;
+esac
+
+step "benchmarks (dshal cuda vs torch)"
+# shellcheck disable=SC2086
+"$PY" -m benchmarks.gpu.bench --out "$OUT" ${BENCH_ARGS:-} || fail 5 "benchmarks failed"
+echo
+[ "$status" -eq 0 ] && echo "gpu check: all steps passed; results in $OUT" \
+    || echo "gpu check: FAILED with status $status; results in $OUT"
+exit "$status"

@@ -1,0 +1,31 @@
+"""Host-side launch sequences of the portable kernels, written once for every device backend.
+
+Each operator's sequence (which kernels, in which order, over which sizes, with which
+arguments) is the same whether the kernels run through OpenCL or CuPy; only moving bytes and
+launching differ. Those differences live behind :class:`~dshal_kernels.host.session.Session`,
+which each backend implements (``dshal_opencl.device.Session``, ``dshal_cupy.device.Session``).
+
+- :mod:`.attention`: ``sparse_attention`` (selection, then the online-softmax pass);
+- :mod:`.gemm`: ``quantize`` and the kernel path of ``gemm`` (packing, tiles, int8 groups);
+- :mod:`.gated`: ``gated_channels`` (masks, gating, the open-channel product).
+
+Nothing here imports a vendor library: arrays are created through the session's ``xp``
+(numpy or cupy) and host-side decisions use numpy arrays from ``Session.host``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dshal_kernels.host import attention, gated, gemm
+
+__all__ = ["RUNNERS", "attention", "gated", "gemm"]
+
+#: operator -> its launch sequence ``(session, call) -> results`` (the run hooks' results)
+RUNNERS: dict[str, Callable[[Any, Any], Any]] = {
+    "sparse_attention": attention.sparse_attention,
+    "quantize": gemm.quantize,
+    "gemm": gemm.gemm,
+    "gated_channels": gated.gated_channels,
+}
