@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dshal import calls
 from dshal.calls import AttentionCall, resolve_count
 from dshal_kernels import AttentionDefines
 from dshal_kernels.host.session import Session
@@ -111,8 +112,4 @@ def selection_width(call: AttentionCall, Lq: int, Lk: int, nb: int, host: Any = 
         marked = np.zeros((*idx.shape[:-1], nb + 1), bool)
         np.put_along_axis(marked, np.where(idx < 0, nb, idx), True, axis=-1)
         return int(marked[..., :nb].sum(axis=-1).max())
-    p = np.arange(Lq) + (Lk - Lq)
-    own = np.where((p >= 0) & (p < Lk), p // call.block_size, -1)
-    n_cand = np.maximum(own, 0) if call.causal else np.where(own >= 0, nb - 1, nb)
-    count = resolve_count(call.top_k, n_cand) + (own >= 0)
-    return int(np.max(count, initial=0))
+    return calls.selection_width(Lq, Lk, call.block_size, call.causal, call.top_k)
