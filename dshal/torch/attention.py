@@ -185,6 +185,15 @@ class Tile:
     keys: slice | torch.Tensor
     allowed: torch.Tensor
 
+    @property
+    def rows(self) -> int:
+        return self.i1 - self.i0
+
+    def per_head(self) -> torch.Tensor:
+        """The allowed mask broadcastable over the heads of a tile's scores viewed as
+        [lead..., g, rows, keys]."""
+        return self.allowed if self.allowed.ndim == 2 else self.allowed.unsqueeze(2)
+
 
 _EVERY = (slice(None), slice(None))
 
@@ -292,12 +301,15 @@ def _bad_rows(x: torch.Tensor | None) -> torch.Tensor | None:
     return bad if bool(bad.any()) else None
 
 
-def _safe_mm(w: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor,
-             bad: torch.Tensor | None) -> torch.Tensor:
-    """``w @ x`` where ``w`` is 0 wherever ``allowed`` is False, without 0 * NaN: the rows of x
-    marked ``bad`` (NaN/Inf; [..., N] or None) contribute only where allowed."""
+def _safe_mm(w: torch.Tensor, x: torch.Tensor, bad: torch.Tensor | None, tile: Tile,
+             geo: Geometry, transposed: bool = False) -> torch.Tensor:
+    """``w @ x`` where ``w`` (a tile's probabilities or score gradients, [lead..., R, N], or
+    their transpose) is 0 wherever the tile does not allow, without 0 * NaN: the rows of x
+    marked ``bad`` (NaN/Inf; [lead..., N] or None) contribute only where allowed."""
     if bad is None or not bool(bad.any()):
         return w @ x
+    allowed = _expand(tile.allowed, geo.g)
+    allowed = allowed.transpose(-1, -2) if transposed else allowed
     out = w @ torch.where(bad[..., None], 0, x)
     cols = torch.nonzero(bad.flatten(0, -2).any(dim=0)).flatten()
     ok = allowed.expand_as(w)[..., cols] & bad[..., None, cols]  # [..., R, nbad]
@@ -320,21 +332,42 @@ def _key_flags(bad: torch.Tensor | None, tile: Tile) -> torch.Tensor | None:
     return None if bad is None else bad[tile.lead][:, :, tile.keys]
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float,
-                   lse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Masked softmax of a tile's scores: ``(p, lse)`` (p normalised) or, given ``lse``, the
-    probabilities it implies. Rows with nothing allowed give p = 0 and lse = -inf."""
-    s = torch.where(allowed, scale * (q @ k.transpose(-1, -2)), -math.inf)
-    if lse is None:
-        some = allowed.any(dim=-1, keepdim=True)
-        m = torch.where(some, s.amax(dim=-1, keepdim=True), 0)  # as the reference: an
-        # allowed row whose best score is +-inf gives NaN, an empty row 0 and -inf
-        e = torch.where(allowed, torch.exp(s - m), 0)
-        total = e.sum(dim=-1, keepdim=True)
-        lse = torch.where(some[..., 0], (m + torch.log(total))[..., 0], -math.inf)
-        return torch.where(allowed, e / torch.where(total == 0, 1, total), 0), lse
-    shift = torch.where(torch.isfinite(lse), lse, 0)[..., None]
-    return (torch.where(allowed, torch.exp(s - shift), 0),)
+def _scores(q: torch.Tensor, k: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """A tile's scaled scores [lead..., g * rows, keys] (fresh: callers work in place)."""
+    return (q * geo.scale) @ k.transpose(-1, -2)
+
+
+def _by_head(x: torch.Tensor, tile: Tile, geo: Geometry) -> torch.Tensor:
+    """[lead..., g * rows, keys] viewed as [lead..., g, rows, keys]."""
+    return x.unflatten(-2, (geo.g, tile.rows))
+
+
+def _softmax(q: torch.Tensor, k: torch.Tensor, tile: Tile, geo: Geometry
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, lse)`` of a tile: probabilities [lead..., g * rows, keys], exactly 0 where not
+    allowed, and lse [lead..., g * rows]. As the reference: a row with nothing allowed gives
+    p = 0 and lse = -inf; an allowed row whose best score is +-inf gives NaN."""
+    s = _scores(q, k, geo)
+    s5 = _by_head(s, tile, geo)
+    allowed = tile.per_head()
+    s5.masked_fill_(~allowed, -math.inf)
+    some = allowed.any(dim=-1, keepdim=True)
+    m = torch.where(some, s5.amax(dim=-1, keepdim=True), 0)
+    s5.sub_(m).exp_()  # disallowed: exp(-inf) = 0
+    total = s5.sum(dim=-1, keepdim=True)
+    lse = torch.where(some, m + torch.log(total), -math.inf)[..., 0]
+    s5.div_(torch.where(total == 0, 1, total))
+    return s, lse.flatten(-2)
+
+
+def _recomputed(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, tile: Tile,
+                geo: Geometry) -> torch.Tensor:
+    """A tile's probabilities [lead..., g * rows, keys] from its saved ``lse`` (0 where not
+    allowed, whatever the scores hold there)."""
+    s = _scores(q, k, geo)
+    s.sub_(torch.where(torch.isfinite(lse), lse, 0)[..., None]).exp_()
+    _by_head(s, tile, geo).masked_fill_(~tile.per_head(), 0)
+    return s
 
 
 # --- forward and backward ---------------------------------------------------------------------
@@ -350,13 +383,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: Geometry,
     lse4 = lse.view(geo.B, geo.Hkv, geo.g, geo.Lq)
     v_bad = _bad_rows(v)
     for tile in tiles(geo, sel, device):
-        allowed = _expand(tile.allowed, geo.g)
-        p, lse_t = _probabilities(_rows(q, tile, geo, cdt), _keys(k, tile, cdt), allowed,
-                                  geo.scale)
-        o = _safe_mm(p, _keys(v, tile, cdt), allowed, _key_flags(v_bad, tile))
-        n = tile.i1 - tile.i0
-        out5[tile.lead][:, :, :, tile.i0:tile.i1] = o.unflatten(-2, (geo.g, n))
-        lse4[tile.lead][:, :, :, tile.i0:tile.i1] = lse_t.unflatten(-1, (geo.g, n))
+        p, lse_t = _softmax(_rows(q, tile, geo, cdt), _keys(k, tile, cdt), tile, geo)
+        o = _safe_mm(p, _keys(v, tile, cdt), _key_flags(v_bad, tile), tile, geo)
+        out5[tile.lead][:, :, :, tile.i0:tile.i1] = _by_head(o, tile, geo)
+        lse4[tile.lead][:, :, :, tile.i0:tile.i1] = lse_t.unflatten(-1, (geo.g, tile.rows))
     return out.to(q.dtype), lse.to(torch.float32)
 
 
@@ -372,26 +402,26 @@ def backward(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: to
     dq5 = dq.view(geo.B, geo.Hkv, geo.g, geo.Lq, geo.D)
     q_bad, k_bad, go_bad = _bad_rows(q), _bad_rows(k), _bad_rows(grad_out)
     for tile in tiles(geo, sel, device):
-        allowed = _expand(tile.allowed, geo.g)
-        allowed_t = allowed.transpose(-1, -2)
         qt, kt = _rows(q, tile, geo, cdt), _keys(k, tile, cdt)
-        lse_t = _rows(lse[..., None], tile, geo, cdt)[..., 0]
-        (p,) = _probabilities(qt, kt, allowed, geo.scale, lse_t)
-        ds = torch.zeros_like(p)
+        p = _recomputed(qt, kt, _rows(lse[..., None], tile, geo, cdt)[..., 0], tile, geo)
         if grad_out is not None:
             go = _rows(grad_out, tile, geo, cdt)
-            dp = torch.where(allowed, go @ _keys(v, tile, cdt).transpose(-1, -2), 0)
-            # where, not a product: a row whose softmax is NaN must keep 0 where masked
-            ds = torch.where(allowed, p * (dp - (p * dp).sum(dim=-1, keepdim=True)), 0)
-            _accumulate(dv, tile, _safe_mm(p.transpose(-1, -2), go, allowed_t,
-                                           _row_flags(go_bad, tile, geo)))
-        if grad_lse is not None:
-            ds = ds + torch.where(allowed, p * _rows(grad_lse[..., None], tile, geo, cdt), 0)
-        dq_t = geo.scale * _safe_mm(ds, kt, allowed, _key_flags(k_bad, tile))
-        n = tile.i1 - tile.i0
-        dq5[tile.lead][:, :, :, tile.i0:tile.i1] = dq_t.unflatten(-2, (geo.g, n))
-        _accumulate(dk, tile, geo.scale * _safe_mm(ds.transpose(-1, -2), qt, allowed_t,
-                                                   _row_flags(q_bad, tile, geo)))
+            ds = go @ _keys(v, tile, cdt).transpose(-1, -2)  # dp, then ds in place
+            _by_head(ds, tile, geo).masked_fill_(~tile.per_head(), 0)
+            delta = (p * ds).sum(dim=-1, keepdim=True)
+            ds.sub_(delta).mul_(p)
+            if not bool(torch.isfinite(delta).all()):  # a NaN row: keep 0 where masked
+                _by_head(ds, tile, geo).masked_fill_(~tile.per_head(), 0)
+            _accumulate(dv, tile, _safe_mm(p.transpose(-1, -2), go,
+                                           _row_flags(go_bad, tile, geo), tile, geo, True))
+        else:
+            ds = torch.zeros_like(p)
+        if grad_lse is not None:  # p is 0 where masked, so is its product
+            ds.addcmul_(p, _rows(grad_lse[..., None], tile, geo, cdt))
+        dq_t = _safe_mm(ds, kt, _key_flags(k_bad, tile), tile, geo).mul_(geo.scale)
+        dq5[tile.lead][:, :, :, tile.i0:tile.i1] = _by_head(dq_t, tile, geo)
+        _accumulate(dk, tile, _safe_mm(ds.transpose(-1, -2), qt, _row_flags(q_bad, tile, geo),
+                                       tile, geo, True).mul_(geo.scale))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
