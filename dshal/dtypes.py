@@ -24,6 +24,8 @@ ROUNDED_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 #: storage dtype of the values of each quantised precision
 STORAGE_DTYPE = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "int8": "int8"}
+#: dtype of the values of each float precision (tf32 values are float32)
+ROUNDED_DTYPE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 #: precision implied by a quantised storage dtype
 PRECISION_OF_STORAGE = {v: k for k, v in STORAGE_DTYPE.items()}
 #: largest finite magnitude of each quantised format (int8 saturates symmetrically to +-127)

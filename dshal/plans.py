@@ -26,6 +26,7 @@ from dshal.dtypes import (
     PRECISIONS,
     QUANT_DTYPES,
     QUANTIZED_PRECISIONS,
+    ROUNDED_DTYPE,
     STORAGE_DTYPE,
 )
 from dshal.errors import DshalTypeError, DshalValueError, PluginError
@@ -57,8 +58,7 @@ class Plan:
 
     ``run(backend, kind, arrs, precision)`` converts ``arrs`` to ``kind``, runs the backend and
     returns the result in the caller's library; ``check(arrs)`` validates array values.
-    ``options`` holds resolved options a caller needs (gemm's auto settings, quantize's result
-    dtype and scales shape).
+    ``options`` holds resolved options a caller needs (gemm's auto settings).
     """
 
     sig: Signature
@@ -189,6 +189,21 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
 # --- quantize ---------------------------------------------------------------------------------
 
 
+def quantize_result(shape: tuple[Any, ...], precision: str, granularity: str,
+                    group_size: int) -> tuple[str, tuple[Any, ...] | None]:
+    """``(values dtype, scales shape)`` of a valid ``quantize`` call on an input of ``shape``;
+    the shape is None for the float precisions (no scales). Shape entries may be symbolic
+    (torch's fake tensors describe results with it)."""
+    if precision not in QUANTIZED_PRECISIONS:
+        return ROUNDED_DTYPE[precision], None
+    scales = {
+        "row": (*shape[:-1], ceil_div(shape[-1], group_size)) if shape else (),
+        "block": (ceil_div(shape[0], group_size), ceil_div(shape[-1], group_size)),
+        "tensor": (),
+    }[granularity]
+    return STORAGE_DTYPE[precision], scales
+
+
 def plan_quantize(metas: dict[str, ArrayMeta], *, precision, granularity="row",
                   group_size=128) -> Plan:
     mx = metas["x"]
@@ -200,17 +215,7 @@ def plan_quantize(metas: dict[str, ArrayMeta], *, precision, granularity="row",
     check_ndim("x", mx, 2 if quantized and granularity == "block" else None,
                minimum=1 if quantized and granularity == "row" else 0)
     shape = tuple(mx.shape)
-    if not quantized:
-        scales_shape = None
-        out_dtype = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16",
-                     "fp16": "float16"}[precision]
-    else:
-        out_dtype = STORAGE_DTYPE[precision]
-        scales_shape = {
-            "row": (*shape[:-1], ceil_div(shape[-1], group_size)) if shape else (),
-            "block": (ceil_div(shape[0], group_size), ceil_div(shape[-1], group_size)),
-            "tensor": (),
-        }[granularity]
+    out_dtype, scales_shape = quantize_result(shape, precision, granularity, group_size)
     sig = _sig("quantize", metas, frozenset({granularity}) if quantized else frozenset(),
                precision, ())
 
@@ -227,9 +232,7 @@ def plan_quantize(metas: dict[str, ArrayMeta], *, precision, granularity="row",
             _expect(b, "scales", scales, scales_shape, "float32")
         return [values, scales]
 
-    # what a caller needs to describe the result without running it (torch's fake tensors)
-    result = (("values_dtype", out_dtype), ("scales_shape", scales_shape))
-    return Plan(sig, run, check, result)
+    return Plan(sig, run, check)
 
 
 # --- gemm -------------------------------------------------------------------------------------

@@ -25,12 +25,10 @@ import torch
 from torch import Tensor
 
 from dshal import ops
-from dshal.dtypes import QUANTIZED_PRECISIONS, STORAGE_DTYPE
+from dshal.dtypes import QUANTIZED_PRECISIONS
 
-QUANTIZED_DTYPE = STORAGE_DTYPE
-ROUNDED_DTYPE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the float dtypes dshal computes on (fp8/int8 storage is not among them)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _cdt(*tensors: Tensor | None) -> torch.dtype:
@@ -42,24 +40,6 @@ def like(ref: Tensor, value: Tensor) -> Tensor:
     """``value`` laid out as ``ref`` (``torch.empty_like``): the gradient of an input has the
     input's strides, as the fake implementations state."""
     return torch.empty_like(ref).copy_(value)
-
-
-def quantize_result(plan: Any, x: Tensor, precision: str, granularity: str, g: int
-                    ) -> tuple[torch.dtype, tuple[Any, ...] | None]:
-    """The torch dtype of ``quantize``'s values and the shape of its scales (None: no scales):
-    as the validated ``plan`` states them, or (``plan`` None: symbolic shapes) from the
-    options."""
-    if plan is not None:
-        result = dict(plan.options)
-        return getattr(torch, result["values_dtype"]), result["scales_shape"]
-    dtype = getattr(torch, QUANTIZED_DTYPE.get(precision, ROUNDED_DTYPE.get(precision, "")))
-    if precision not in QUANTIZED_PRECISIONS:
-        return dtype, None
-    shape = tuple(x.shape)
-    scales = {"row": (*shape[:-1], -(-shape[-1] // g)) if shape else (),
-              "block": (-(-shape[0] // g), -(-shape[-1] // g)) if len(shape) == 2 else (),
-              "tensor": ()}[granularity]
-    return dtype, scales
 
 
 # --- gemm -------------------------------------------------------------------------------------
@@ -108,7 +88,7 @@ def operand(x: Tensor, scale: Tensor | float | None, precision: str, granularity
     """The operand gemm multiplied at ``precision``, in ``cdt``: stored fp8/int8 values times
     their scale, or a float input quantised (and dequantised) or rounded as the forward did."""
     dequantize = dequantize_a if granularity == "row" else dequantize_b
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         return dequantize(x, scale, g, cdt)
     if precision in QUANTIZED_PRECISIONS:
         values, scales = ops.quantize(x, precision, granularity=granularity, group_size=g)
@@ -125,11 +105,11 @@ def gemm_backward(grad: Tensor, a: Tensor, b: Tensor, a_scale: Tensor | float | 
     gc = grad.to(cdt)
     rows = gc.reshape(math.prod(gc.shape[:-1]), gc.shape[-1])
     da = a.new_zeros(a.shape)
-    if a.dtype in _FLOATS:
+    if a.dtype in FLOATS:
         b_op = operand(b, b_scale, precision, "block", g, cdt)
         da = (gc @ b_op.T).to(a.dtype)
     db = b.new_zeros(b.shape)
-    if b.dtype in _FLOATS:
+    if b.dtype in FLOATS:
         a_op = operand(a, a_scale, precision, "row", g, cdt)
         db = (a_op.reshape(rows.shape[0], a_op.shape[-1]).T @ rows).to(b.dtype)
     dbias = rows.sum(dim=0).to(grad.dtype) if has_bias else grad.new_empty(0)

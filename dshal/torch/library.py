@@ -26,7 +26,6 @@ Schemas (``torch.ops.dshal.<name>``; ``None`` where an argument is optional)::
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,11 +33,11 @@ from torch import Tensor
 from dshal import arrays, ops
 from dshal.calls import selection_width
 from dshal.dtypes import PRECISIONS
-from dshal.plans import PLANNERS
+from dshal.plans import PLANNERS, quantize_result
 from dshal.torch import attention, grads
 from dshal.torch.precision import ieee_fp32
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = grads.FLOATS
 _LIB = "dshal"
 
 
@@ -50,13 +49,12 @@ def _concrete(t: Tensor) -> bool:
     return all(type(s) is int for s in t.shape)
 
 
-def _validate(op: str, tensors: dict[str, Tensor | None], **options) -> Any:
-    """Validate a traced call as ``dshal.ops`` would (raising its errors at trace time); the
-    plan, or None when a shape is symbolic (the call is then validated when it runs)."""
+def _validate(op: str, tensors: dict[str, Tensor | None], **options) -> None:
+    """Validate a traced call as ``dshal.ops`` would, raising its errors at trace time (with a
+    symbolic shape the call is validated when it runs instead)."""
     present = {n: t for n, t in tensors.items() if t is not None}
-    if not all(_concrete(t) for t in present.values()):
-        return None
-    return PLANNERS[op]({n: arrays.inspect(n, t) for n, t in present.items()}, **options)
+    if all(_concrete(t) for t in present.values()):
+        PLANNERS[op]({n: arrays.inspect(n, t) for n, t in present.items()}, **options)
 
 
 def _detached(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -180,11 +178,11 @@ def quantize(x: Tensor, precision: str, granularity: str, group_size: int,
 
 @quantize.register_fake
 def _(x, precision, granularity, group_size, backend):
-    plan = _validate("quantize", {"x": x}, precision=precision, granularity=granularity,
-                     group_size=group_size)
-    values_dtype, scales_shape = grads.quantize_result(plan, x, precision, granularity,
-                                                       group_size)
-    values = x.new_empty(x.shape, dtype=values_dtype)
+    _validate("quantize", {"x": x}, precision=precision, granularity=granularity,
+              group_size=group_size)
+    values_dtype, scales_shape = quantize_result(tuple(x.shape), precision, granularity,
+                                                 group_size)
+    values = x.new_empty(x.shape, dtype=getattr(torch, values_dtype))
     scales = x.new_empty(scales_shape if scales_shape is not None else (0,),
                          dtype=torch.float32)
     return values, scales
