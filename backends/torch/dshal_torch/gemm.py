@@ -25,6 +25,7 @@ import torch
 
 from dshal.calls import GemmCall
 from dshal.dtypes import QUANTIZED_PRECISIONS
+from dshal.torch.dequant import dequantize_a, dequantize_b
 from dshal_torch.numerics import DTYPES, matmul_fp32, round_float
 from dshal_torch.quantize import STORAGE, quantize_values
 
@@ -43,7 +44,8 @@ def gemm(call: GemmCall) -> torch.Tensor:
     elif prec in QUANTIZED_PRECISIONS:
         av, sa = _operand(a, call.a_scale, prec, "row", g)
         bv, sb = _operand(b, call.b_scale, prec, "block", g)
-        out = matmul_fp32(_dequant_a(av, sa, g), _dequant_b(bv, sb, g))
+        out = matmul_fp32(dequantize_a(av, sa, g, torch.float32),
+                          dequantize_b(bv, sb, g, torch.float32))
     else:
         out = matmul_fp32(round_float(a, prec, copy=False).to(torch.float32),
                           round_float(b, prec, copy=False).to(torch.float32))
@@ -72,41 +74,15 @@ def _scale_tensor(scale: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.full((), float(scale), dtype=dtype, device=like.device)
 
 
-def _expand_last(s: torch.Tensor, g: int, n: int) -> torch.Tensor:
-    """Per-group scales [..., ceil(n/g)] -> per-element [..., n]."""
-    return s.repeat_interleave(g, dim=-1)[..., :n]
-
-
-def _a_scales(scale: Any, a: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """a_scale broadcastable to a [..., M, K]: a scalar, [..., M, 1] or expanded per group."""
-    s = _scale_tensor(scale, a, dtype)
-    if s is not None and s.ndim and s.shape[-1] != 1:
-        s = _expand_last(s, g, a.shape[-1])
-    return s
-
-
-def _b_scales(scale: Any, b: torch.Tensor, g: int, dtype: torch.dtype, *, rows: bool = True
-              ) -> torch.Tensor | None:
-    """b_scale broadcastable to b [K, N]: a scalar, [1, N], or blocks expanded along N (and
-    along K when ``rows``)."""
+def _column_scales(scale: Any, b: torch.Tensor, g: int, dtype: torch.dtype
+                   ) -> torch.Tensor | None:
+    """b_scale broadcastable over b's columns [K or ceil(K/g), N]: a scalar, [1, N], or
+    per-block scales expanded along N only (the int8 path applies them per K group)."""
     s = _scale_tensor(scale, b, dtype)
-    K, N = b.shape
+    N = b.shape[1]
     if s is None or s.ndim == 0 or (s.shape[0] == 1 and s.shape[1] in (1, N)):
         return s
-    s = _expand_last(s, g, N)
-    return s.repeat_interleave(g, dim=0)[:K] if rows and s.shape[0] > 1 else s
-
-
-def _dequant_a(values: torch.Tensor, scale: Any, g: int) -> torch.Tensor:
-    a = values.to(torch.float32)
-    s = _a_scales(scale, a, g, torch.float32)
-    return a if s is None else a * s
-
-
-def _dequant_b(values: torch.Tensor, scale: Any, g: int) -> torch.Tensor:
-    b = values.to(torch.float32)
-    s = _b_scales(scale, b, g, torch.float32)
-    return b if s is None else b * s
+    return s.repeat_interleave(g, dim=-1)[..., :N]
 
 
 def _int8_gemm(call: GemmCall) -> torch.Tensor:
@@ -126,7 +102,7 @@ def _int8_gemm(call: GemmCall) -> torch.Tensor:
     sa_t = _scale_tensor(sa, a2, acc_dtype)
     sa_t = one if sa_t is None else sa_t.reshape(1, 1) if sa_t.ndim == 0 \
         else sa_t.reshape(rows, sa_t.shape[-1])  # [rows, 1] or [rows, ceil(K/g)]
-    sb_t = _b_scales(sb, b2, g, acc_dtype, rows=False)
+    sb_t = _column_scales(sb, b2, g, acc_dtype)
     sb_t = one if sb_t is None else sb_t.reshape(1, 1) if sb_t.ndim == 0 else sb_t
     grouped = sa_t.shape[1] > 1 or sb_t.shape[0] > 1
     bounds = [(k0, min(K, k0 + g)) for k0 in range(0, K, g)] if grouped else [(0, K)]
