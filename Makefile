@@ -21,7 +21,8 @@ venv: $(STAMP)
 BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backends/cuda \
 	backends/rocm
 
-$(STAMP): pyproject.toml requirements-dev.txt $(addsuffix /pyproject.toml,$(BACKENDS))
+$(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c requirements-dev.txt \
+		$(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e .

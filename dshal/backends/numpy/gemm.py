@@ -5,7 +5,9 @@ patterns, divide, round) so that the pipeline costs a few passes over the input,
 temporaries in per-thread scratch (:mod:`.scratch`); fp8 values are rounded onto the grid in
 float32 and their codes read off the bits (bitwise ml_dtypes' round-to-nearest-even cast,
 several times faster than that cast) and decoded through a 256-entry table. Large inputs
-are quantised in chunks on every CPU. gemm multiplies in float32 BLAS for every precision:
+are quantised in chunks on every CPU. Where the compiled loops of :mod:`.native` are built,
+they run the same arithmetic fused, one pass per group in cache (bitwise the same results).
+gemm multiplies in float32 BLAS for every precision:
 
 - fp32 / tf32 / bf16 / fp16: the operands are rounded to the format, then multiplied in fp32;
 - fp8: the operands are dequantised to float32 (value * scale), then multiplied; float inputs
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from dshal.backends.numpy import native
 from dshal.backends.numpy.attention import parallel_spans
 from dshal.backends.numpy.scratch import scratch
 from dshal.calls import GemmCall, QuantizeCall
@@ -84,6 +87,25 @@ def round_float(x: np.ndarray, precision: str, *, copy: bool = True) -> np.ndarr
     return x32
 
 
+def rounded_fp32(x: np.ndarray, precision: str) -> np.ndarray:
+    """``x`` rounded to a float precision, as float32 (``x`` itself for float32 ``x`` at
+    fp32): gemm's operands. The compiled loops round in float32 in one pass (spans of rows on
+    every CPU); without them, :func:`round_float` and a cast back."""
+    lib = native.NATIVE
+    if lib is None or precision == "fp32" or x.ndim == 0:
+        return round_float(x, precision, copy=False).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        src = np.ascontiguousarray(x, np.float32)
+    out = np.empty(src.shape, np.float32)
+    if not out.size:
+        return out
+    rows, orows = src.reshape(-1, src.shape[-1]), out.reshape(-1, src.shape[-1])
+    fmt = native.FLOAT_FORMAT[precision]
+    parallel_spans(lambda a, z: lib.round_float(rows[a:z], orows[a:z], fmt), rows.shape[0],
+                   src.size)
+    return out
+
+
 # --- quantize ---------------------------------------------------------------------------------
 
 
@@ -96,17 +118,34 @@ def quantize(call: QuantizeCall) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int,
-                    dtype: np.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    dtype: np.dtype | None = None, *, dequantize: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """fp8/int8 values and float32 scales of ``x`` (scale = amax / qmax per group, 1 where 0).
 
     The values come in the storage dtype, or with ``dtype=float32`` as the float32 numbers
-    they stand for (what :func:`decode` gives, without the codes: gemm's on-the-fly operands).
+    they stand for (what :func:`decode` gives, without the codes: gemm's on-the-fly operands),
+    and with ``dequantize=True`` too those numbers times their scales (float32 products).
 
     Chunks are independent (they write disjoint values and scales), so large inputs are split
     over the CPUs (:func:`parallel_spans`); results do not depend on the split.
     """
-    qmax = np.float32(QMAX[precision])
     values = np.empty(x.shape, dtype or _STORAGE[precision])
+    if dequantize and values.dtype != np.float32:
+        raise ValueError("dequantize=True needs float32 values")
+    lib = native.NATIVE
+    if lib is not None:
+        return _quantize_native(lib, x, values, precision, granularity, g, dequantize)
+    values, scales = _quantize_numpy(x, values, precision, granularity, g)
+    if dequantize:
+        values = _scaled_b(values, scales, g) if granularity == "block" else \
+            _scaled_a(values, scales, g)
+    return values, scales
+
+
+def _quantize_numpy(x: np.ndarray, values: np.ndarray, precision: str, granularity: str,
+                    g: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_values` in numpy passes, chunk by chunk."""
+    qmax = np.float32(QMAX[precision])
     if granularity == "tensor":
         flat, vflat = x.reshape(1, x.size), values.reshape(1, x.size)
         parts: list[np.ndarray] = []
@@ -159,6 +198,68 @@ def quantize_values(x: np.ndarray, precision: str, granularity: str, g: int,
     return values, scales.reshape(*x.shape[:-1], nk)
 
 
+def _quantize_native(lib, x: np.ndarray, values: np.ndarray, precision: str,
+                     granularity: str, g: int, dequantize: bool,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_values` through the compiled loops: each group's max, scale and
+    encoding in one pass while the group is in cache; spans of rows on every CPU."""
+    fmt = native.QUANTIZED_FORMAT[precision]
+    what = native.CODES if values.dtype != np.float32 else \
+        native.DEQUANT if dequantize else native.VALUES
+    out = values if values.dtype.itemsize == 4 else values.view(np.uint8)
+    if granularity == "tensor":
+        flat, oflat = x.reshape(1, x.size), out.reshape(1, x.size)
+        parts: list[float] = []
+        parallel_spans(lambda a, z: parts.extend(
+            lib.amax(_as_float32(flat[:, r0:min(z, r0 + _CHUNK)], 0)[0])
+            for r0 in range(a, z, _CHUNK)), x.size, x.size, _CHUNK)
+        scale = _scale(np.float32(max(parts, default=0.0)), np.float32(QMAX[precision]))
+
+        def span_tensor(a: int, z: int) -> None:
+            for r0 in range(a, z, _CHUNK):
+                r1 = min(z, r0 + _CHUNK)
+                lib.quantize(_as_float32(flat[:, r0:r1], 0)[0], oflat[:, r0:r1],
+                             scale.reshape(1, 1), 1, r1 - r0, fmt, what, True)
+
+        parallel_spans(span_tensor, x.size, x.size, _CHUNK)
+        return values, scale
+    if granularity == "block":
+        K, N = x.shape
+        scales = np.ones((ceil_div(K, g), ceil_div(N, g)), np.float32)
+
+        def span_block(a: int, z: int) -> None:
+            for kb in range(a, z):  # one block row (g rows of x) per call
+                rows = slice(kb * g, (kb + 1) * g)
+                lib.quantize(_as_float32(x[rows], 0)[0], out[rows], scales[kb:kb + 1], g, g,
+                             fmt, what, False)
+
+        parallel_spans(span_block, scales.shape[0], x.size)
+        return values, scales
+    K = x.shape[-1]
+    R = math.prod(x.shape[:-1])
+    rows, out_rows = x.reshape(R, K), out.reshape(R, K)
+    scales = np.ones((R, ceil_div(K, g)), np.float32)
+    if scales.size:
+        parallel_spans(lambda a, z: _native_rows(lib, rows[a:z], out_rows[a:z], scales[a:z],
+                                                 fmt, what, g),
+                       R, x.size, _row_step(K, g))
+    return values, scales.reshape(*x.shape[:-1], scales.shape[1])
+
+
+def _native_rows(lib, rows: np.ndarray, out: np.ndarray, scales: np.ndarray, fmt: int,
+                 what: int, g: int) -> None:
+    """Row quantisation through the compiled loops: float32 rows in one call, other dtypes
+    converted to float32 chunk by chunk first."""
+    if rows.dtype == np.float32 and (rows.shape[1] < 2 or rows.strides[1] == 4):
+        lib.quantize(rows, out, scales, 1, g, fmt, what, False)
+        return
+    step = _row_step(rows.shape[1], g)
+    for r0 in range(0, rows.shape[0], step):
+        r1 = min(rows.shape[0], r0 + step)
+        src = _as_float32(rows[r0:r1], 0)[0]
+        lib.quantize(src, out[r0:r1], scales[r0:r1], 1, g, fmt, what, False)
+
+
 def _row_step(K: int, g: int) -> int:
     """Rows per chunk of row quantisation."""
     return max(1, _CHUNK // max(1, ceil_div(K, g) * g))
@@ -168,6 +269,12 @@ def quantize_rows(rows: np.ndarray, values: np.ndarray, scales: np.ndarray, prec
                   g: int) -> None:
     """Row quantisation of ``rows`` [R, K] into ``values`` [R, K] and ``scales``
     [R, ceil(K/g)], chunk by chunk on the calling thread."""
+    lib = native.NATIVE
+    if lib is not None:
+        what = native.CODES if values.dtype != np.float32 else native.VALUES
+        out = values if values.dtype.itemsize == 4 else values.view(np.uint8)
+        _native_rows(lib, rows, out, scales, native.QUANTIZED_FORMAT[precision], what, g)
+        return
     K = rows.shape[1]
     nk, step = ceil_div(K, g), _row_step(K, g)
     qmax = np.float32(QMAX[precision])
@@ -192,8 +299,9 @@ def _padded(x: np.ndarray, width: int) -> np.ndarray:
 
 def _as_float32(x: np.ndarray, width: int) -> tuple[np.ndarray, bool]:
     """``(x as float32 [r, max(n, width)], whether that is a scratch copy)``: x itself when it
-    is float32 and wide enough, so that the division can write straight into scratch."""
-    if x.dtype == np.float32 and x.shape[1] >= width:
+    is float32, wide enough and contiguous along its rows, so that the division (or a
+    compiled loop) can read it where it is."""
+    if x.dtype == np.float32 and x.shape[1] >= width and (x.shape[1] < 2 or x.strides[1] == 4):
         return x, False
     return _padded(x, width), True
 
@@ -305,12 +413,11 @@ def gemm(call: GemmCall) -> np.ndarray:
     if prec == "int8":
         out = _int8_gemm(a, b, call)
     elif prec in QUANTIZED_PRECISIONS:
-        av, sa = _float_operand(a, call.a_scale, prec, "row", g)
-        bv, sb = _float_operand(b, call.b_scale, prec, "block", g)
+        av, sa = _float_operand(a, call.a_scale, prec, "row", g, scaled=True)
+        bv, sb = _float_operand(b, call.b_scale, prec, "block", g, scaled=True)
         out = _matmul(_scaled_a(av, sa, g), _scaled_b(bv, sb, g))
     else:
-        out = _matmul(round_float(a, prec, copy=False).astype(np.float32, copy=False),
-                      round_float(b, prec, copy=False).astype(np.float32, copy=False))
+        out = _matmul(rounded_fp32(a, prec), rounded_fp32(b, prec))
     if out.dtype == np.float64 and call.out_dtype != "float64":
         out = out.astype(np.float32)  # int8 sums stay float64 (exact) only for float64 output
     if call.bias is not None:
@@ -327,12 +434,16 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a, b)
 
 
-def _float_operand(x: np.ndarray, scale, prec: str, granularity: str, g: int):
+def _float_operand(x: np.ndarray, scale, prec: str, granularity: str, g: int, *,
+                   scaled: bool = False):
     """The fp8/int8 values as a fresh float32 array and their scale (``None`` = 1): given
-    storage values decoded, or float inputs quantised on the fly straight into float32."""
+    storage values decoded, or float inputs quantised on the fly straight into float32
+    (``scaled=True``: already multiplied by their scales, returned as ``None``)."""
     if x.dtype in _STORAGE_PRECISION:
         return decode(x), scale
-    return quantize_values(x, prec, granularity, g, np.dtype(np.float32))
+    values, scales = quantize_values(x, prec, granularity, g, np.dtype(np.float32),
+                                     dequantize=scaled)
+    return values, None if scaled else scales
 
 
 def _expand_last(s: np.ndarray, g: int, k: int) -> np.ndarray:
@@ -449,17 +560,18 @@ class _GroupScales:
         bounds = [(k0, min(K, k0 + g)) for k0 in range(0, K, g)] if grouped else [(0, K)]
         return cls(bounds, cols, width, dtype)
 
-    def of(self, i: int, rows: np.ndarray) -> np.ndarray:
-        """The scale of span ``i`` given the panel's row scales ``rows`` [rows or 1, groups]:
-        [rows or 1, N // width, 1], in ``dtype`` unless rounding the product to float32 would
-        lose it (it overflows, or underflows into the subnormals): then in float64."""
-        col = self.cols[i if self.cols.shape[0] > 1 else 0]
-        wide = (rows[:, i if rows.shape[1] > 1 else 0, None].astype(np.float64) * col)[:, :, None]
+    def panel(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The scale of every span given the panel's row scales ``rows`` [rows or 1, groups]:
+        [rows or 1, N // width] each, in ``dtype`` unless rounding the product to float32
+        would lose it (it overflows, or underflows into the subnormals): then in float64."""
+        n = len(self.bounds)
+        r = rows[:, np.arange(n) if rows.shape[1] > 1 else np.zeros(n, np.intp)]
+        c = self.cols[np.arange(n) if self.cols.shape[0] > 1 else np.zeros(n, np.intp)]
+        wide = r.T.astype(np.float64)[:, :, None] * c[:, None, :]  # [spans, rows, N // width]
         scale = wide.astype(self.dtype)
         with np.errstate(invalid="ignore"):
-            if np.all((np.abs(scale) >= _TINY) & np.isfinite(scale) | (wide == 0)):
-                return scale
-        return wide
+            kept = ((np.abs(scale) >= _TINY) & np.isfinite(scale) | (wide == 0)).all(axis=(1, 2))
+        return [scale[i] if kept[i] else wide[i] for i in range(n)]
 
 
 def _int8_rows(rows_of_a: _RowsOfA, b: np.ndarray, plan: _GroupScales, out: np.ndarray,
@@ -468,14 +580,19 @@ def _int8_rows(rows_of_a: _RowsOfA, b: np.ndarray, plan: _GroupScales, out: np.n
     N, w = b.shape[1], plan.width
     buf = scratch("gemm-product", (min(rows, r1 - r0), N), np.float32)
     wide = buf if out.dtype == buf.dtype else scratch("gemm-scaled", buf.shape, out.dtype)
+    lib = native.NATIVE
     for m0 in range(r0, r1, rows):
         m1 = min(r1, m0 + rows)
         a, a_scales = rows_of_a.panel(m0, m1)
         acc = out[m0:m1].reshape(m1 - m0, N // w, w)
         scaled = wide[: m1 - m0].reshape(acc.shape)
-        for i, (k0, k1) in enumerate(plan.bounds):
-            part = _exact_dot(a[:, k0:k1], b[k0:k1], buf[: m1 - m0]).reshape(acc.shape)
-            np.multiply(part, plan.of(i, a_scales), out=acc if i == 0 else scaled)
+        for i, ((k0, k1), scale) in enumerate(zip(plan.bounds, plan.panel(a_scales))):
+            part = _exact_dot(a[:, k0:k1], b[k0:k1], buf[: m1 - m0])
+            if lib is not None and part.dtype == scale.dtype == out.dtype == np.float32:
+                lib.scale_add(out[m0:m1], part, scale, w, i == 0)  # one pass, same roundings
+                continue
+            np.multiply(part.reshape(acc.shape), scale[:, :, None],
+                        out=acc if i == 0 else scaled)
             if i:
                 acc += scaled
 

@@ -90,8 +90,11 @@ def dshal_device_probe() -> DeviceInfo:
         threads = "one per CPU or DSHAL_NUM_THREADS (BLAS held to one thread meanwhile)"
     except ImportError:
         threads = "one (install threadpoolctl to use every CPU)"
+    from dshal.backends.numpy.native import STATUS
+
     return DeviceInfo(present=True, name=name, driver=f"numpy {np.__version__}, BLAS: {_blas()}",
-                      details={"processor": _cpu_model(), "attention threads": threads})
+                      details={"processor": _cpu_model(), "attention threads": threads,
+                               "quantize and rounding": STATUS})
 
 
 @hookimpl

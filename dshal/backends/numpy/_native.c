@@ -1,0 +1,388 @@
+/* dshal.backends.numpy._native: fused elementwise loops of the numpy backend.
+ *
+ * numpy runs one pass over memory per operation, so quantising to fp8 (group max, divide,
+ * clip, round onto the grid, shift out the code: about 11 passes) costs several times a
+ * copy. These loops do the same arithmetic, operation for operation, in one pass per group
+ * while the group is in cache: results are bitwise those of the numpy code in gemm.py (the
+ * tests compare the two on every path), only faster.
+ *
+ * Arrays come through the buffer protocol (no numpy headers at build time): 2-D, the last
+ * axis contiguous, rows at any stride. The GIL is released while a loop runs, so the
+ * backend's thread pool runs spans of rows in parallel. Compiled with -ffp-contract=off (a
+ * multiply-add must round twice, as numpy's two passes do) and -fno-trapping-math (so that
+ * the clipping compares become vector min/max; no result changes, only exception flags). On x86-64 Linux each loop is
+ * compiled twice (AVX2 and baseline) and the loader picks one for the CPU.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* ---- formats ------------------------------------------------------------------------- */
+
+enum { INT8 = 0, E4M3 = 1, E5M2 = 2 };          /* quantised formats */
+enum { TF32 = 0, BF16 = 1, FP16 = 2 };          /* float formats rounded in float32 */
+enum { CODES = 0, VALUES = 1, DEQUANT = 2 };    /* what quantize writes */
+
+static const float QMAX[] = {127.0f, 448.0f, 57344.0f};
+static const int MBITS[] = {0, 3, 2};
+static const int BIAS[] = {0, 7, 15};
+
+/* x (finite, |x| <= qmax) rounded to nearest even onto the fp8 grid, +0.0 where it rounds to
+ * zero: adding 1.5 * 2**23 * q (q the grid spacing at x, at least the subnormal spacing)
+ * makes float32 round to a multiple of q; subtracting it again is exact. */
+static inline float fp8_grid(float x, uint32_t min_exp, uint32_t add) {
+    uint32_t e = f2u(x) & 0x7F800000u;
+    e = e > min_exp ? e : min_exp;
+    float m = u2f(e + add);
+    return (x + m) - m;
+}
+
+/* x (finite, |x| <= 127) rounded to nearest even, sign kept (np.rint). */
+static inline float rint_small(float x) {
+    const float m = 12582912.0f; /* 1.5 * 2**23 */
+    return copysignf((x + m) - m, x);
+}
+
+/* ---- group max ----------------------------------------------------------------------- */
+
+/* max |x| over rows r0..r1, columns c0..c1, as float32 bits (non-negative floats order like
+ * their bits; NaN and Inf compare above every finite value). */
+CLONES static uint32_t amax_bits(const char *x, Py_ssize_t stride, Py_ssize_t r0,
+                                 Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) {
+    uint32_t m = 0;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint32_t *row = (const uint32_t *)(x + r * stride);
+        for (Py_ssize_t c = c0; c < c1; c++) {
+            uint32_t a = row[c] & 0x7FFFFFFFu;
+            m = a > m ? a : m;
+        }
+    }
+    return m;
+}
+
+/* ---- encoding one group -------------------------------------------------------------- */
+
+/* x / s clipped to +-q (a no-op unless s is subnormal: with a normal scale |x| / s rounds to
+ * at most qmax anyway). */
+static inline float divided(float x, float s, float q) {
+    float v = x / s;
+    v = v > q ? q : v;
+    return v < -q ? -q : v;
+}
+
+/* One row segment x[0..n) divided by scale s, clipped and rounded into out: codes (int8 or
+ * fp8 bits), float32 values, or float32 values times s. Each `what` has its own loop, so that
+ * every loop vectorises. */
+CLONES static void encode_int8(const float *restrict x, void *restrict out, Py_ssize_t n,
+                               float s, int what) {
+    const float q = QMAX[INT8];
+    if (what == CODES) {
+        int8_t *o = out;
+        for (Py_ssize_t i = 0; i < n; i++) o[i] = (int8_t)rint_small(divided(x[i], s, q));
+    } else if (what == VALUES) {
+        float *o = out;
+        for (Py_ssize_t i = 0; i < n; i++) o[i] = rint_small(divided(x[i], s, q));
+    } else {
+        float *o = out;
+        for (Py_ssize_t i = 0; i < n; i++) o[i] = rint_small(divided(x[i], s, q)) * s;
+    }
+}
+
+#define DEFINE_ENCODE_FP8(NAME, FMT)                                                        \
+    CLONES static void NAME(const float *restrict x, void *restrict out, Py_ssize_t n,      \
+                            float s, int what) {                                            \
+        const float q = QMAX[FMT];                                                          \
+        const uint32_t min_exp = (uint32_t)(128 - BIAS[FMT]) << 23;                         \
+        const uint32_t add = ((uint32_t)(23 - MBITS[FMT]) << 23) | (1u << 22);              \
+        const float rebias = u2f((uint32_t)BIAS[FMT] << 23); /* 2**(bias - 127) */          \
+        if (what == CODES) {                                                                \
+            uint8_t *o = out;                                                               \
+            for (Py_ssize_t i = 0; i < n; i++) {                                            \
+                float v = divided(x[i], s, q);                                              \
+                uint32_t code = f2u(fp8_grid(v, min_exp, add) * rebias) >> (23 - MBITS[FMT]); \
+                o[i] = (uint8_t)((code & 0x7Fu) | ((f2u(v) >> 24) & 0x80u));                \
+            }                                                                               \
+        } else if (what == VALUES) {                                                        \
+            float *o = out;                                                                 \
+            for (Py_ssize_t i = 0; i < n; i++) {                                            \
+                float v = divided(x[i], s, q);                                              \
+                o[i] = copysignf(fp8_grid(v, min_exp, add), v);                             \
+            }                                                                               \
+        } else {                                                                            \
+            float *o = out;                                                                 \
+            for (Py_ssize_t i = 0; i < n; i++) {                                            \
+                float v = divided(x[i], s, q);                                              \
+                o[i] = copysignf(fp8_grid(v, min_exp, add), v) * s;                         \
+            }                                                                               \
+        }                                                                                   \
+    }
+DEFINE_ENCODE_FP8(encode_e4m3, E4M3)
+DEFINE_ENCODE_FP8(encode_e5m2, E5M2)
+
+typedef void (*encode_fn)(const float *, void *, Py_ssize_t, float, int);
+static const encode_fn ENCODE[] = {encode_int8, encode_e4m3, encode_e5m2};
+
+/* ---- buffers ------------------------------------------------------------------------- */
+
+typedef struct {
+    Py_buffer view;
+    char *data;
+    Py_ssize_t rows, cols, stride, itemsize;
+} matrix;
+
+/* A 2-D buffer with its last axis contiguous (itemsize bytes per element). */
+static int get_matrix(PyObject *obj, matrix *m, int writable, Py_ssize_t itemsize,
+                      const char *name) {
+    int flags = PyBUF_STRIDES | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, &m->view, flags) < 0) return -1;
+    Py_buffer *v = &m->view;
+    if (v->ndim != 2 || v->itemsize != itemsize ||
+        (v->shape[1] > 1 && v->strides[1] != v->itemsize)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be a 2-D array of %zd-byte elements, contiguous along its last "
+                     "axis", name, itemsize);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    m->data = (char *)v->buf;
+    m->rows = v->shape[0];
+    m->cols = v->shape[1];
+    m->stride = v->strides[0];
+    m->itemsize = itemsize;
+    return 0;
+}
+
+/* ---- quantize ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(quantize_doc,
+"quantize(x, out, scales, group_rows, group_cols, fmt, what, given) -> None\n\n"
+"Quantise float32 x [R, K] in groups of group_rows x group_cols elements into out [R, K]:\n"
+"fmt 0 int8, 1 fp8 e4m3, 2 fp8 e5m2; what 0 codes (int8 or uint8), 1 float32 values, 2\n"
+"float32 values times their scale. scales [ceil(R/group_rows), ceil(K/group_cols)] float32\n"
+"receives amax / qmax (1 where 0) per group, or with given=True holds the scales to use.\n"
+"Raises ValueError when a group holds a value beyond float32's range (Inf or NaN).");
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    PyObject *xo, *oo, *so;
+    Py_ssize_t gr, gc;
+    int fmt, what, given;
+    if (!PyArg_ParseTuple(args, "OOOnniip", &xo, &oo, &so, &gr, &gc, &fmt, &what, &given))
+        return NULL;
+    if (fmt < 0 || fmt > 2 || what < 0 || what > 2 || gr < 1 || gc < 1) {
+        PyErr_SetString(PyExc_ValueError, "quantize: fmt/what/group sizes out of range");
+        return NULL;
+    }
+    matrix x, out, sc;
+    if (get_matrix(xo, &x, 0, 4, "x") < 0) return NULL;
+    if (get_matrix(oo, &out, 1, what == CODES ? 1 : 4, "out") < 0) goto fail_x;
+    if (get_matrix(so, &sc, 1, 4, "scales") < 0) goto fail_out;
+    Py_ssize_t nr = (x.rows + gr - 1) / gr, nc = (x.cols + gc - 1) / gc;
+    if (out.rows != x.rows || out.cols != x.cols || sc.rows != nr || sc.cols != nc) {
+        PyErr_SetString(PyExc_ValueError, "quantize: x, out and scales shapes disagree");
+        goto fail;
+    }
+    const float qmax = QMAX[fmt];
+    const encode_fn encode = ENCODE[fmt];
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nr && !bad; i++) {
+        Py_ssize_t r0 = i * gr, r1 = r0 + gr < x.rows ? r0 + gr : x.rows;
+        float *srow = (float *)(sc.data + i * sc.stride);
+        for (Py_ssize_t j = 0; j < nc; j++) {
+            Py_ssize_t c0 = j * gc, c1 = c0 + gc < x.cols ? c0 + gc : x.cols;
+            float s = srow[j];
+            if (!given) {
+                uint32_t m = amax_bits(x.data, x.stride, r0, r1, c0, c1);
+                if (m >= 0x7F800000u) { bad = 1; break; }
+                s = u2f(m) / qmax;
+                s = s == 0.0f ? 1.0f : s;
+                srow[j] = s;
+            }
+            for (Py_ssize_t r = r0; r < r1; r++)
+                encode((const float *)(x.data + r * x.stride) + c0,
+                       out.data + r * out.stride + c0 * out.itemsize, c1 - c0, s, what);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError,
+                        "x holds values beyond float32's range: cannot quantize");
+        goto fail;
+    }
+    PyBuffer_Release(&sc.view);
+    PyBuffer_Release(&out.view);
+    PyBuffer_Release(&x.view);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&sc.view);
+fail_out:
+    PyBuffer_Release(&out.view);
+fail_x:
+    PyBuffer_Release(&x.view);
+    return NULL;
+}
+
+PyDoc_STRVAR(amax_doc,
+"amax(x) -> float\n\nmax |x| of float32 x [R, K] (Inf or NaN when x holds one).");
+
+static PyObject *amax(PyObject *self, PyObject *arg) {
+    matrix x;
+    if (get_matrix(arg, &x, 0, 4, "x") < 0) return NULL;
+    uint32_t m;
+    Py_BEGIN_ALLOW_THREADS
+    m = amax_bits(x.data, x.stride, 0, x.rows, 0, x.cols);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x.view);
+    return PyFloat_FromDouble((double)u2f(m));
+}
+
+/* ---- rounding to a float format in float32 ------------------------------------------- */
+
+/* Round to nearest even on the float32 bits, dropping the low `drop` mantissa bits: a carry
+ * into the exponent is the next binade (or Inf); NaN and Inf pass through. */
+static inline uint32_t round_bits(uint32_t u, int drop) {
+    uint32_t r = (u + ((1u << (drop - 1)) - 1) + ((u >> drop) & 1u)) & ~((1u << drop) - 1);
+    return (u & 0x7FFFFFFFu) >= 0x7F800000u ? u : r;
+}
+
+/* fp16's grid in float32: normals round their mantissa to 10 bits (above 65504 they become
+ * Inf), below 2**-14 the spacing is 2**-24 (adding 0.75 rounds to it), NaN and Inf pass. */
+static inline uint32_t fp16_bits(uint32_t u) {
+    uint32_t a = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+    uint32_t normal = round_bits(a, 13);
+    normal = (normal > 0x477FE000u && a < 0x7F800000u) ? 0x7F800000u : normal;
+    uint32_t sub = f2u((u2f(a) + 0.75f) - 0.75f);
+    return sign | (a >= 0x38800000u ? normal : sub);
+}
+
+CLONES static void round_row(const uint32_t *restrict x, uint32_t *restrict out, Py_ssize_t n, int fmt) {
+    if (fmt == TF32) {
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = round_bits(x[i], 13);
+    } else if (fmt == BF16) {
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = round_bits(x[i], 16);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = fp16_bits(x[i]);
+    }
+}
+
+PyDoc_STRVAR(round_float_doc,
+"round_float(x, out, fmt) -> None\n\n"
+"float32 x [R, K] rounded to nearest even onto the grid of fmt (0 tf32, 1 bf16, 2 fp16)\n"
+"into float32 out [R, K] (may be x): what rounding to the format and back gives, NaN kept\n"
+"a NaN, overflow to Inf.");
+
+static PyObject *round_float(PyObject *self, PyObject *args) {
+    PyObject *xo, *oo;
+    int fmt;
+    if (!PyArg_ParseTuple(args, "OOi", &xo, &oo, &fmt)) return NULL;
+    if (fmt < 0 || fmt > 2) {
+        PyErr_SetString(PyExc_ValueError, "round_float: fmt must be 0, 1 or 2");
+        return NULL;
+    }
+    matrix x, out;
+    if (get_matrix(xo, &x, 0, 4, "x") < 0) return NULL;
+    if (get_matrix(oo, &out, 1, 4, "out") < 0) {
+        PyBuffer_Release(&x.view);
+        return NULL;
+    }
+    if (out.rows != x.rows || out.cols != x.cols) {
+        PyErr_SetString(PyExc_ValueError, "round_float: x and out shapes disagree");
+        PyBuffer_Release(&out.view);
+        PyBuffer_Release(&x.view);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < x.rows; r++)
+        round_row((const uint32_t *)(x.data + r * x.stride),
+                  (uint32_t *)(out.data + r * out.stride), x.cols, fmt);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out.view);
+    PyBuffer_Release(&x.view);
+    Py_RETURN_NONE;
+}
+
+/* ---- int8 gemm: one scale group's product into the sum ----------------------------- */
+
+CLONES static void scale_add_row(float *restrict acc, const float *restrict part,
+                                 const float *restrict scale, Py_ssize_t n, Py_ssize_t width,
+                                 int first) {
+    if (width == 1) {
+        if (first) for (Py_ssize_t j = 0; j < n; j++) acc[j] = part[j] * scale[j];
+        else for (Py_ssize_t j = 0; j < n; j++) acc[j] += part[j] * scale[j];
+        return;
+    }
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += width) {
+        const float s = scale[j0 / width];
+        Py_ssize_t j1 = j0 + width < n ? j0 + width : n;
+        if (first) for (Py_ssize_t j = j0; j < j1; j++) acc[j] = part[j] * s;
+        else for (Py_ssize_t j = j0; j < j1; j++) acc[j] += part[j] * s;
+    }
+}
+
+PyDoc_STRVAR(scale_add_doc,
+"scale_add(acc, part, scale, width, first) -> None\n\n"
+"acc [R, N] (float32) = part * scale (first=True) or acc + part * scale, each product and\n"
+"sum rounded to float32: scale [R or 1, ceil(N/width)] holds one float32 per row (or for\n"
+"every row) and width columns.");
+
+static PyObject *scale_add(PyObject *self, PyObject *args) {
+    PyObject *ao, *po, *so;
+    Py_ssize_t width;
+    int first;
+    if (!PyArg_ParseTuple(args, "OOOnp", &ao, &po, &so, &width, &first)) return NULL;
+    matrix acc, part, sc;
+    if (get_matrix(ao, &acc, 1, 4, "acc") < 0) return NULL;
+    if (get_matrix(po, &part, 0, 4, "part") < 0) goto fail_acc;
+    if (get_matrix(so, &sc, 0, 4, "scale") < 0) goto fail_part;
+    if (width < 1 || part.rows != acc.rows || part.cols != acc.cols ||
+        (sc.rows != 1 && sc.rows != acc.rows) || sc.cols != (acc.cols + width - 1) / width) {
+        PyErr_SetString(PyExc_ValueError, "scale_add: acc, part and scale shapes disagree");
+        PyBuffer_Release(&sc.view);
+        goto fail_part;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < acc.rows; r++)
+        scale_add_row((float *)(acc.data + r * acc.stride),
+                      (const float *)(part.data + r * part.stride),
+                      (const float *)(sc.data + (sc.rows == 1 ? 0 : r) * sc.stride),
+                      acc.cols, width, first);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&sc.view);
+    PyBuffer_Release(&part.view);
+    PyBuffer_Release(&acc.view);
+    Py_RETURN_NONE;
+fail_part:
+    PyBuffer_Release(&part.view);
+fail_acc:
+    PyBuffer_Release(&acc.view);
+    return NULL;
+}
+
+/* ---- module -------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"quantize", quantize, METH_VARARGS, quantize_doc},
+    {"amax", amax, METH_O, amax_doc},
+    {"round_float", round_float, METH_VARARGS, round_float_doc},
+    {"scale_add", scale_add, METH_VARARGS, scale_add_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "dshal.backends.numpy._native",
+    "Fused elementwise loops of dshal's numpy backend (see _native.c).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

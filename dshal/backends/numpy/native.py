@@ -1,0 +1,32 @@
+"""The numpy backend's compiled loops (``_native.c``), when they are built and switched on.
+
+Every function of :mod:`._native` computes bitwise what the backend's numpy passes compute,
+so the backend uses it where it can and the numpy code stays the fallback (and the check the
+tests compare it with). ``DSHAL_NUMPY_NATIVE=0`` switches it off; :data:`STATUS` says which
+path runs (``dshal info`` prints it).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+#: codes of the quantised and float formats in ``_native``
+QUANTIZED_FORMAT = {"int8": 0, "fp8_e4m3": 1, "fp8_e5m2": 2}
+FLOAT_FORMAT = {"tf32": 0, "bf16": 1, "fp16": 2}
+#: what ``_native.quantize`` writes: storage codes, float32 values, float32 values x scale
+CODES, VALUES, DEQUANT = 0, 1, 2
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get("DSHAL_NUMPY_NATIVE", "1").strip() == "0":
+        return None, "numpy passes (compiled loops switched off: DSHAL_NUMPY_NATIVE=0)"
+    try:
+        from dshal.backends.numpy import _native
+    except ImportError as exc:
+        return None, f"numpy passes (compiled loops not built: {exc})"
+    return _native, "compiled loops (dshal.backends.numpy._native)"
+
+
+#: the compiled module, or None when the numpy passes run instead
+NATIVE, STATUS = _load()

@@ -1,0 +1,221 @@
+"""The numpy backend's compiled loops (``dshal.backends.numpy._native``) against its numpy
+passes: bit for bit on every path that uses them, and the same errors.
+
+The rest of the suite checks the backend (compiled loops on) against the float64 reference;
+these tests pin the two implementations of the same arithmetic to each other, so that either
+one going wrong fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dshal
+from dshal.backends.numpy import gemm as gemm_mod
+from dshal.backends.numpy import native
+from tests import op_cases
+
+LIB = native.NATIVE
+BF16 = np.dtype(ml_dtypes.bfloat16)
+needs_native = pytest.mark.skipif(LIB is None, reason=native.STATUS)
+
+
+def test_compiled_loops_are_built():
+    """The dev/CI install builds them (setup.py); a missing compiler must not pass silently."""
+    if os.environ.get("DSHAL_NUMPY_NATIVE", "1").strip() == "0":
+        pytest.skip("switched off by DSHAL_NUMPY_NATIVE=0")
+    assert LIB is not None, native.STATUS
+    assert "compiled" in native.STATUS
+
+
+def test_switch_off_by_environment():
+    code = "from dshal.backends.numpy import native; print(native.NATIVE is None, native.STATUS)"
+    env = {**os.environ, "DSHAL_NUMPY_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("True") and "DSHAL_NUMPY_NATIVE=0" in out
+
+
+def both(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the compiled loops, then with the numpy passes."""
+    first = fn(*args, **kwargs)
+    native.NATIVE = None
+    try:
+        second = fn(*args, **kwargs)
+    finally:
+        native.NATIVE = LIB
+    return first, second
+
+
+def assert_same(got, want):
+    """Bit for bit, arrays or tuples of arrays (NaN payloads aside: a NaN must stay NaN)."""
+    if isinstance(got, tuple):
+        for g, w in zip(got, want, strict=True):
+            assert_same(g, w)
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.dtype.kind == "f" or got.dtype in (BF16,):
+        nan = np.isnan(want.astype(np.float32))
+        np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+        got, want = got[~nan], want[~nan]
+    np.testing.assert_array_equal(op_cases.bits(got), op_cases.bits(want))
+
+
+def wide_range(rng, shape, dtype=np.float32):
+    """Values over many binades per row, signed zeros, and tiny values that round to -0."""
+    x = rng.standard_normal(shape) * 10.0 ** rng.integers(-40, 30, shape)
+    x = x.astype(dtype)
+    flat = x.reshape(-1)
+    flat[::13] = 0
+    flat[5::17] = -0.0
+    flat[7::19] = -1e-30
+    return x
+
+
+# --- quantize ---------------------------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("granularity", ["row", "block", "tensor"])
+def test_quantize_paths_agree(precision, granularity):
+    rng = np.random.default_rng(1)
+    shapes = [(300, 517), (129, 129), (64, 256), (1, 1), (0, 5)]
+    if granularity != "block":
+        shapes.append((3, 20, 96))
+    for shape in shapes:
+        for dtype in (np.float32, np.float64, np.float16, BF16):
+            x = wide_range(rng, shape, dtype) if dtype in (np.float32, np.float64) else \
+                rng.standard_normal(shape).astype(dtype)
+            for g in (1, 32, 128):
+                for out in (None, np.dtype(np.float32)):
+                    for deq in (False, True) if out is not None else (False,):
+                        assert_same(*both(gemm_mod.quantize_values, x, precision,
+                                          granularity, g, out, dequantize=deq))
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_quantize_paths_agree_on_strided_and_subnormal_scaled_inputs(precision):
+    rng = np.random.default_rng(2)
+    base = wide_range(rng, (260, 300))
+    tiny = (rng.standard_normal((64, 256)) * 1e-42).astype(np.float32)  # subnormal scales
+    for x in (base.T, base[::3, 1::2], tiny, tiny.T):
+        for gran in ("row", "block", "tensor"):
+            assert_same(*both(gemm_mod.quantize_values, x, precision, gran, 64))
+            assert_same(*both(gemm_mod.quantize_values, x, precision, gran, 64,
+                              np.dtype(np.float32), dequantize=True))
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), g=st.sampled_from([1, 3, 16, 128]),
+       exponent=st.integers(-45, 37), seed=st.integers(0, 2**16),
+       precision=st.sampled_from(["int8", "fp8_e4m3", "fp8_e5m2"]),
+       granularity=st.sampled_from(["row", "block", "tensor"]))
+def test_quantize_paths_agree_property(rows, cols, g, exponent, seed, precision, granularity):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 10.0**exponent).astype(np.float32)
+    assert_same(*both(gemm_mod.quantize_values, x, precision, granularity, g))
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("granularity", ["row", "block", "tensor"])
+def test_quantize_paths_refuse_the_same_inputs(bad, granularity):
+    x = np.ones((130, 140), np.float32)
+    x[129, 139] = bad
+    for lib in (LIB, None):
+        native.NATIVE = lib
+        try:
+            with pytest.raises(ValueError, match="beyond float32's range"):
+                gemm_mod.quantize_values(x, "fp8_e4m3", granularity, 128)
+        finally:
+            native.NATIVE = LIB
+
+
+# --- rounding to float precisions -------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_float_rounding_paths_agree_on_every_upper_half(precision):
+    upper = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    lows = [0, 1, 0x0FFF, 0x1000, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0xFFFF]
+    x = np.concatenate([upper | np.uint32(low) for low in lows]).view(np.float32)
+    with np.errstate(all="ignore"):
+        assert_same(*both(gemm_mod.rounded_fp32, x.reshape(-1, 1024), precision))
+        assert_same(*both(gemm_mod.rounded_fp32, x[:4096].reshape(64, 64).T, precision))
+        assert_same(*both(gemm_mod.rounded_fp32, x[:6].reshape(2, 3).astype(np.float64),
+                          precision))
+        assert_same(*both(gemm_mod.rounded_fp32, np.empty((3, 0), np.float32), precision))
+
+
+# --- gemm -------------------------------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["int8", "fp8_e4m3", "fp8_e5m2", "tf32", "bf16", "fp16"])
+def test_gemm_paths_agree(precision):
+    rng = np.random.default_rng(3)
+    for (M, K, N, g) in ((300, 517, 260, 128), (5, 1300, 33, 128), (2, 64, 48, 16),
+                         (70, 256, 256, 128)):
+        for scale in (1.0, 1e-6, 1e3) if precision == "fp16" else (1.0, 1e-25, 1e25):
+            a = (rng.standard_normal((M, K)) * scale).astype(np.float32)
+            b = rng.standard_normal((K, N)).astype(np.float32)
+            for out_dtype in ("float32", "float64"):
+                assert_same(*both(dshal.ops.gemm, a, b, precision=precision, group_size=g,
+                                  out_dtype=out_dtype, backend="numpy"))
+
+
+@needs_native
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_int8_gemm_of_stored_values_paths_agree(granularity):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 40, 384)).astype(np.float32)
+    b = rng.standard_normal((384, 256)).astype(np.float32)
+    qa, sa = dshal.ops.quantize(a, precision="int8", granularity=granularity, backend="numpy")
+    # b's scale forms: per block, per tensor, per column (a row quantisation of b^T, one group)
+    qb, sb = dshal.ops.quantize(b, precision="int8", granularity="block", backend="numpy")
+    qt, st_ = dshal.ops.quantize(b, precision="int8", granularity="tensor", backend="numpy")
+    qc, sc = dshal.ops.quantize(b.T.copy(), precision="int8", granularity="row",
+                                group_size=384, backend="numpy")
+    for values, scales in ((qb, sb), (qt, st_), (np.ascontiguousarray(qc.T), sc.reshape(1, -1))):
+        assert_same(*both(dshal.ops.gemm, qa, values, precision="int8", a_scale=sa,
+                          b_scale=scales, backend="numpy"))
+
+
+# --- the compiled functions refuse what they cannot take --------------------------------------
+
+
+@needs_native
+def test_compiled_functions_refuse_bad_buffers():
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="x must be a 2-D array"):
+        LIB.quantize(x.T, np.empty((8, 4), np.uint8), np.ones((8, 1), np.float32), 1, 8, 0, 0,
+                     False)
+    with pytest.raises(ValueError, match="out must be a 2-D array"):
+        LIB.quantize(x, np.empty((4, 8), np.float32), np.ones((4, 1), np.float32), 1, 8, 0, 0,
+                     False)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        LIB.quantize(x, np.empty((4, 8), np.uint8), np.ones((4, 2), np.float32), 1, 8, 0, 0,
+                     False)
+    with pytest.raises(ValueError, match="out of range"):
+        LIB.quantize(x, np.empty((4, 8), np.uint8), np.ones((4, 1), np.float32), 1, 8, 7, 0,
+                     False)
+    with pytest.raises(ValueError, match="fmt must be"):
+        LIB.round_float(x, np.empty_like(x), 3)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        LIB.scale_add(x, x[:2], np.ones((1, 1), np.float32), 8, True)
+    with pytest.raises(BufferError):  # a read-only out
+        LIB.quantize(x, np.empty((4, 8), np.uint8).data.toreadonly(),
+                     np.ones((4, 1), np.float32), 1, 8, 0, 0, False)
