@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import dshal
 from dshal.backends.numpy import gemm as gemm_mod
 from dshal.backends.numpy import native
+from dshal.calls import QuantizeCall
 from tests import op_cases
 
 LIB = native.NATIVE
@@ -57,6 +58,9 @@ def both(fn, *args, **kwargs):
 
 def assert_same(got, want):
     """Bit for bit, arrays or tuples of arrays (NaN payloads aside: a NaN must stay NaN)."""
+    if got is None or want is None:
+        assert got is want
+        return
     if isinstance(got, tuple):
         for g, w in zip(got, want, strict=True):
             assert_same(g, w)
@@ -158,6 +162,23 @@ def test_float_rounding_paths_agree_on_every_upper_half(precision):
         assert_same(*both(gemm_mod.rounded_fp32, x[:6].reshape(2, 3).astype(np.float64),
                           precision))
         assert_same(*both(gemm_mod.rounded_fp32, np.empty((3, 0), np.float32), precision))
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_quantize_to_float_precisions_paths_agree(precision):
+    """quantize's bf16/fp16 storage codes (and tf32's float32) on every upper half, other
+    dtypes, a 0-d input and an empty one."""
+    upper = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    lows = [0, 1, 0x0FFF, 0x1000, 0x1FFF, 0x2000, 0x7FFF, 0x8000, 0xFFFF]
+    x = np.concatenate([upper | np.uint32(low) for low in lows]).view(np.float32)
+    rng = np.random.default_rng(5)
+    cases = [x.reshape(-1, 512), x[:3000].reshape(60, 50).T, np.float32(3.3),
+             rng.standard_normal((7, 9)), np.empty((0, 4), np.float32),
+             rng.standard_normal((3, 4)).astype(np.float16)]
+    with np.errstate(all="ignore"):
+        for case in cases:
+            assert_same(*both(gemm_mod.quantize, QuantizeCall(case, precision, "row", 128)))
 
 
 # --- gemm -------------------------------------------------------------------------------------

@@ -277,23 +277,51 @@ CLONES static void round_row(const uint32_t *restrict x, uint32_t *restrict out,
     }
 }
 
+/* The storage codes of bf16 and fp16: the rounded float32 bits' upper half for bf16 (NaN
+ * becomes the quiet NaN 0x7FC0 with x's sign, as ml_dtypes does); for fp16 the exponent
+ * rebiased, subnormals counted in units of 2**-24, NaN keeping its upper payload bits (and
+ * staying a NaN), as numpy does. */
+CLONES static void code_row(const uint32_t *restrict x, uint16_t *restrict out, Py_ssize_t n,
+                            int fmt) {
+    if (fmt == BF16) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t u = x[i];
+            uint32_t nan = ((u >> 16) & 0x8000u) | 0x7FC0u;
+            out[i] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : round_bits(u, 16) >> 16);
+        }
+        return;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t r = fp16_bits(x[i]);
+        uint32_t a = r & 0x7FFFFFFFu, sign = (r >> 16) & 0x8000u;
+        uint32_t payload = 0x7C00u + ((a & 0x007FFFFFu) >> 13);
+        uint32_t special = a == 0x7F800000u ? 0x7C00u : (payload == 0x7C00u ? 0x7C01u : payload);
+        uint32_t normal = (a - 0x38000000u) >> 13;
+        uint32_t sub = (uint32_t)(int32_t)(u2f(a) * 16777216.0f); /* exact: a multiple of 2**-24 */
+        uint32_t code = a >= 0x7F800000u ? special : (a >= 0x38800000u ? normal : sub);
+        out[i] = (uint16_t)(sign | code);
+    }
+}
+
 PyDoc_STRVAR(round_float_doc,
-"round_float(x, out, fmt) -> None\n\n"
+"round_float(x, out, fmt, codes=False) -> None\n\n"
 "float32 x [R, K] rounded to nearest even onto the grid of fmt (0 tf32, 1 bf16, 2 fp16)\n"
-"into float32 out [R, K] (may be x): what rounding to the format and back gives, NaN kept\n"
-"a NaN, overflow to Inf.");
+"into out [R, K]: float32 (may be x; what rounding to the format and back gives, NaN kept a\n"
+"NaN, overflow to Inf), or with codes=True (bf16, fp16) 2-byte storage codes (bitwise\n"
+"ml_dtypes' bfloat16 and numpy's float16 casts).");
 
 static PyObject *round_float(PyObject *self, PyObject *args) {
     PyObject *xo, *oo;
-    int fmt;
-    if (!PyArg_ParseTuple(args, "OOi", &xo, &oo, &fmt)) return NULL;
-    if (fmt < 0 || fmt > 2) {
-        PyErr_SetString(PyExc_ValueError, "round_float: fmt must be 0, 1 or 2");
+    int fmt, codes = 0;
+    if (!PyArg_ParseTuple(args, "OOi|p", &xo, &oo, &fmt, &codes)) return NULL;
+    if (fmt < 0 || fmt > 2 || (codes && fmt == TF32)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "round_float: fmt must be 0, 1 or 2 (codes only for 1 and 2)");
         return NULL;
     }
     matrix x, out;
     if (get_matrix(xo, &x, 0, 4, "x") < 0) return NULL;
-    if (get_matrix(oo, &out, 1, 4, "out") < 0) {
+    if (get_matrix(oo, &out, 1, codes ? 2 : 4, "out") < 0) {
         PyBuffer_Release(&x.view);
         return NULL;
     }
@@ -304,9 +332,11 @@ static PyObject *round_float(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < x.rows; r++)
-        round_row((const uint32_t *)(x.data + r * x.stride),
-                  (uint32_t *)(out.data + r * out.stride), x.cols, fmt);
+    for (Py_ssize_t r = 0; r < x.rows; r++) {
+        const uint32_t *row = (const uint32_t *)(x.data + r * x.stride);
+        if (out.itemsize == 2) code_row(row, (uint16_t *)(out.data + r * out.stride), x.cols, fmt);
+        else round_row(row, (uint32_t *)(out.data + r * out.stride), x.cols, fmt);
+    }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out.view);
     PyBuffer_Release(&x.view);

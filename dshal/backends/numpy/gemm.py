@@ -92,17 +92,26 @@ def rounded_fp32(x: np.ndarray, precision: str) -> np.ndarray:
     fp32): gemm's operands. The compiled loops round in float32 in one pass (spans of rows on
     every CPU); without them, :func:`round_float` and a cast back."""
     lib = native.NATIVE
-    if lib is None or precision == "fp32" or x.ndim == 0:
+    if lib is None or precision == "fp32":
         return round_float(x, precision, copy=False).astype(np.float32, copy=False)
+    return _round_native(lib, x, precision, codes=False)
+
+
+def _round_native(lib, x: np.ndarray, precision: str, *, codes: bool) -> np.ndarray:
+    """``x`` rounded to tf32/bf16/fp16 by the compiled loops (spans of rows on every CPU):
+    float32 grid values, or with ``codes=True`` bf16/fp16 in their storage dtype."""
     with np.errstate(over="ignore"):
-        src = np.ascontiguousarray(x, np.float32)
-    out = np.empty(src.shape, np.float32)
+        src = np.asarray(x, np.float32, order="C")
+    codes = codes and precision in _NARROW
+    out = np.empty(src.shape, _NARROW[precision] if codes else np.float32)
     if not out.size:
         return out
-    rows, orows = src.reshape(-1, src.shape[-1]), out.reshape(-1, src.shape[-1])
+    width = src.shape[-1] if src.ndim else 1
+    rows = src.reshape(-1, width)
+    orows = (out.view(np.uint16) if codes else out).reshape(-1, width)
     fmt = native.FLOAT_FORMAT[precision]
-    parallel_spans(lambda a, z: lib.round_float(rows[a:z], orows[a:z], fmt), rows.shape[0],
-                   src.size)
+    parallel_spans(lambda a, z: lib.round_float(rows[a:z], orows[a:z], fmt, codes),
+                   rows.shape[0], src.size)
     return out
 
 
@@ -113,6 +122,8 @@ def quantize(call: QuantizeCall) -> tuple[np.ndarray, np.ndarray | None]:
     """Run ``quantize``: ``(values, scales)`` (scales ``None`` for float precisions)."""
     x = np.asarray(call.x)
     if call.precision not in QUANTIZED_PRECISIONS:
+        if native.NATIVE is not None and call.precision != "fp32":
+            return _round_native(native.NATIVE, x, call.precision, codes=True), None
         return round_float(x, call.precision), None
     return quantize_values(x, call.precision, call.granularity, call.group_size)
 
