@@ -175,6 +175,7 @@ PyDoc_STRVAR(quantize_doc,
 "Raises ValueError when a group holds a value beyond float32's range (Inf or NaN).");
 
 static PyObject *quantize(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *xo, *oo, *so;
     Py_ssize_t gr, gc;
     int fmt, what, given;
@@ -197,22 +198,35 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
     const encode_fn encode = ENCODE[fmt];
     int bad = 0;
     Py_BEGIN_ALLOW_THREADS
+    /* Row group by row group, each pass along the rows (a block row's tiles are strided;
+     * sweeping whole rows keeps the reads sequential): the groups' maxima (as bits, in the
+     * scales' own storage), then their scales, then the encoding. */
     for (Py_ssize_t i = 0; i < nr && !bad; i++) {
         Py_ssize_t r0 = i * gr, r1 = r0 + gr < x.rows ? r0 + gr : x.rows;
         float *srow = (float *)(sc.data + i * sc.stride);
-        for (Py_ssize_t j = 0; j < nc; j++) {
-            Py_ssize_t c0 = j * gc, c1 = c0 + gc < x.cols ? c0 + gc : x.cols;
-            float s = srow[j];
-            if (!given) {
-                uint32_t m = amax_bits(x.data, x.stride, r0, r1, c0, c1);
-                if (m >= 0x7F800000u) { bad = 1; break; }
-                s = u2f(m) / qmax;
-                s = s == 0.0f ? 1.0f : s;
-                srow[j] = s;
-            }
+        if (!given) {
+            uint32_t *m = (uint32_t *)srow;
+            for (Py_ssize_t j = 0; j < nc; j++) m[j] = 0;
             for (Py_ssize_t r = r0; r < r1; r++)
-                encode((const float *)(x.data + r * x.stride) + c0,
-                       out.data + r * out.stride + c0 * out.itemsize, c1 - c0, s, what);
+                for (Py_ssize_t j = 0; j < nc; j++) {
+                    Py_ssize_t c0 = j * gc, c1 = c0 + gc < x.cols ? c0 + gc : x.cols;
+                    uint32_t a = amax_bits(x.data, x.stride, r, r + 1, c0, c1);
+                    m[j] = a > m[j] ? a : m[j];
+                }
+            for (Py_ssize_t j = 0; j < nc; j++) {
+                if (m[j] >= 0x7F800000u) { bad = 1; break; }
+                float sj = u2f(m[j]) / qmax;
+                srow[j] = sj == 0.0f ? 1.0f : sj;
+            }
+            if (bad) break;
+        }
+        for (Py_ssize_t r = r0; r < r1; r++) {
+            const float *xr = (const float *)(x.data + r * x.stride);
+            char *or_ = out.data + r * out.stride;
+            for (Py_ssize_t j = 0; j < nc; j++) {
+                Py_ssize_t c0 = j * gc, c1 = c0 + gc < x.cols ? c0 + gc : x.cols;
+                encode(xr + c0, or_ + c0 * out.itemsize, c1 - c0, srow[j], what);
+            }
         }
     }
     Py_END_ALLOW_THREADS
@@ -238,6 +252,7 @@ PyDoc_STRVAR(amax_doc,
 "amax(x) -> float\n\nmax |x| of float32 x [R, K] (Inf or NaN when x holds one).");
 
 static PyObject *amax(PyObject *self, PyObject *arg) {
+    (void)self;
     matrix x;
     if (get_matrix(arg, &x, 0, 4, "x") < 0) return NULL;
     uint32_t m;
@@ -292,14 +307,16 @@ CLONES static void code_row(const uint32_t *restrict x, uint16_t *restrict out, 
         return;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t r = fp16_bits(x[i]);
-        uint32_t a = r & 0x7FFFFFFFu, sign = (r >> 16) & 0x8000u;
+        uint32_t u = x[i], a = u & 0x7FFFFFFFu, sign = (u >> 16) & 0x8000u;
+        uint32_t rounded = round_bits(a, 13);
+        uint32_t normal = rounded > 0x477FE000u ? 0x7C00u : (rounded - 0x38000000u) >> 13;
+        /* below 2**-14: 0.75 + x rounds x to a multiple k of 2**-24, and its bits are
+         * 0.75's plus k */
+        uint32_t sub = f2u(u2f(a) + 0.75f) - 0x3F400000u;
         uint32_t payload = 0x7C00u + ((a & 0x007FFFFFu) >> 13);
-        uint32_t special = a == 0x7F800000u ? 0x7C00u : (payload == 0x7C00u ? 0x7C01u : payload);
-        uint32_t normal = (a - 0x38000000u) >> 13;
-        uint32_t sub = (uint32_t)(int32_t)(u2f(a) * 16777216.0f); /* exact: a multiple of 2**-24 */
-        uint32_t code = a >= 0x7F800000u ? special : (a >= 0x38800000u ? normal : sub);
-        out[i] = (uint16_t)(sign | code);
+        payload += (uint32_t)((a > 0x7F800000u) & (payload == 0x7C00u)); /* NaN stays NaN */
+        uint32_t finite = a >= 0x38800000u ? normal : sub;
+        out[i] = (uint16_t)(sign | (a >= 0x7F800000u ? payload : finite));
     }
 }
 
@@ -311,6 +328,7 @@ PyDoc_STRVAR(round_float_doc,
 "ml_dtypes' bfloat16 and numpy's float16 casts).");
 
 static PyObject *round_float(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *xo, *oo;
     int fmt, codes = 0;
     if (!PyArg_ParseTuple(args, "OOi|p", &xo, &oo, &fmt, &codes)) return NULL;
@@ -368,6 +386,7 @@ PyDoc_STRVAR(scale_add_doc,
 "every row) and width columns.");
 
 static PyObject *scale_add(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *ao, *po, *so;
     Py_ssize_t width;
     int first;
