@@ -136,11 +136,18 @@ static const encode_fn ENCODE[] = {encode_int8, encode_e4m3, encode_e5m2};
 
 /* ---- buffers ------------------------------------------------------------------------- */
 
+/* A 2-D buffer argument; `held` while its view must be released (see release). */
 typedef struct {
     Py_buffer view;
+    int held;
     char *data;
     Py_ssize_t rows, cols, stride, itemsize;
 } matrix;
+
+/* The end of the span of `size` starting at `start` within `n`. */
+static inline Py_ssize_t span_end(Py_ssize_t start, Py_ssize_t size, Py_ssize_t n) {
+    return start + size < n ? start + size : n;
+}
 
 /* A 2-D buffer with its last axis contiguous (itemsize bytes per element). */
 static int get_matrix(PyObject *obj, matrix *m, int writable, Py_ssize_t itemsize,
@@ -156,12 +163,19 @@ static int get_matrix(PyObject *obj, matrix *m, int writable, Py_ssize_t itemsiz
         PyBuffer_Release(v);
         return -1;
     }
+    m->held = 1;
     m->data = (char *)v->buf;
     m->rows = v->shape[0];
     m->cols = v->shape[1];
     m->stride = v->strides[0];
     m->itemsize = itemsize;
     return 0;
+}
+
+/* Release the views of the matrices that hold one: every function's one exit path. */
+static void release(matrix *ms, int n) {
+    for (int i = 0; i < n; i++)
+        if (ms[i].held) PyBuffer_Release(&ms[i].view);
 }
 
 /* ---- quantize ------------------------------------------------------------------------ */
@@ -185,14 +199,17 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "quantize: fmt/what/group sizes out of range");
         return NULL;
     }
-    matrix x, out, sc;
-    if (get_matrix(xo, &x, 0, 4, "x") < 0) return NULL;
-    if (get_matrix(oo, &out, 1, what == CODES ? 1 : 4, "out") < 0) goto fail_x;
-    if (get_matrix(so, &sc, 1, 4, "scales") < 0) goto fail_out;
+    matrix m[3] = {{.held = 0}}, x, out, sc;
+    PyObject *result = NULL;
+    if (get_matrix(xo, &m[0], 0, 4, "x") < 0 ||
+        get_matrix(oo, &m[1], 1, what == CODES ? 1 : 4, "out") < 0 ||
+        get_matrix(so, &m[2], 1, 4, "scales") < 0)
+        goto done;
+    x = m[0], out = m[1], sc = m[2];
     Py_ssize_t nr = (x.rows + gr - 1) / gr, nc = (x.cols + gc - 1) / gc;
     if (out.rows != x.rows || out.cols != x.cols || sc.rows != nr || sc.cols != nc) {
         PyErr_SetString(PyExc_ValueError, "quantize: x, out and scales shapes disagree");
-        goto fail;
+        goto done;
     }
     const float qmax = QMAX[fmt];
     const encode_fn encode = ENCODE[fmt];
@@ -202,15 +219,15 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
      * sweeping whole rows keeps the reads sequential): the groups' maxima (as bits, in the
      * scales' own storage), then their scales, then the encoding. */
     for (Py_ssize_t i = 0; i < nr && !bad; i++) {
-        Py_ssize_t r0 = i * gr, r1 = r0 + gr < x.rows ? r0 + gr : x.rows;
+        Py_ssize_t r0 = i * gr, r1 = span_end(r0, gr, x.rows);
         float *srow = (float *)(sc.data + i * sc.stride);
         if (!given) {
             uint32_t *m = (uint32_t *)srow;
             for (Py_ssize_t j = 0; j < nc; j++) m[j] = 0;
             for (Py_ssize_t r = r0; r < r1; r++)
                 for (Py_ssize_t j = 0; j < nc; j++) {
-                    Py_ssize_t c0 = j * gc, c1 = c0 + gc < x.cols ? c0 + gc : x.cols;
-                    uint32_t a = amax_bits(x.data, x.stride, r, r + 1, c0, c1);
+                    uint32_t a = amax_bits(x.data, x.stride, r, r + 1, j * gc,
+                                           span_end(j * gc, gc, x.cols));
                     m[j] = a > m[j] ? a : m[j];
                 }
             for (Py_ssize_t j = 0; j < nc; j++) {
@@ -224,28 +241,21 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
             const float *xr = (const float *)(x.data + r * x.stride);
             char *or_ = out.data + r * out.stride;
             for (Py_ssize_t j = 0; j < nc; j++) {
-                Py_ssize_t c0 = j * gc, c1 = c0 + gc < x.cols ? c0 + gc : x.cols;
-                encode(xr + c0, or_ + c0 * out.itemsize, c1 - c0, srow[j], what);
+                Py_ssize_t c0 = j * gc;
+                encode(xr + c0, or_ + c0 * out.itemsize, span_end(c0, gc, x.cols) - c0, srow[j],
+                       what);
             }
         }
     }
     Py_END_ALLOW_THREADS
-    if (bad) {
+    if (bad)
         PyErr_SetString(PyExc_ValueError,
                         "x holds values beyond float32's range: cannot quantize");
-        goto fail;
-    }
-    PyBuffer_Release(&sc.view);
-    PyBuffer_Release(&out.view);
-    PyBuffer_Release(&x.view);
-    Py_RETURN_NONE;
-fail:
-    PyBuffer_Release(&sc.view);
-fail_out:
-    PyBuffer_Release(&out.view);
-fail_x:
-    PyBuffer_Release(&x.view);
-    return NULL;
+    else
+        result = Py_NewRef(Py_None);
+done:
+    release(m, 3);
+    return result;
 }
 
 PyDoc_STRVAR(amax_doc,
@@ -253,13 +263,13 @@ PyDoc_STRVAR(amax_doc,
 
 static PyObject *amax(PyObject *self, PyObject *arg) {
     (void)self;
-    matrix x;
+    matrix x = {.held = 0};
     if (get_matrix(arg, &x, 0, 4, "x") < 0) return NULL;
     uint32_t m;
     Py_BEGIN_ALLOW_THREADS
     m = amax_bits(x.data, x.stride, 0, x.rows, 0, x.cols);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&x.view);
+    release(&x, 1);
     return PyFloat_FromDouble((double)u2f(m));
 }
 
@@ -307,13 +317,12 @@ CLONES static void code_row(const uint32_t *restrict x, uint16_t *restrict out, 
         return;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t u = x[i], a = u & 0x7FFFFFFFu, sign = (u >> 16) & 0x8000u;
-        uint32_t rounded = round_bits(a, 13);
-        uint32_t normal = rounded > 0x477FE000u ? 0x7C00u : (rounded - 0x38000000u) >> 13;
-        /* below 2**-14: 0.75 + x rounds x to a multiple k of 2**-24, and its bits are
-         * 0.75's plus k */
+        uint32_t r = fp16_bits(x[i]); /* on fp16's grid: the code is a rewrite of its bits */
+        uint32_t a = r & 0x7FFFFFFFu, sign = (r >> 16) & 0x8000u;
+        uint32_t normal = (a - 0x38000000u) >> 13; /* exponent rebiased from 127 to 15 */
+        /* below 2**-14, a = k * 2**-24: adding 0.75 is exact and its bits are 0.75's plus k */
         uint32_t sub = f2u(u2f(a) + 0.75f) - 0x3F400000u;
-        uint32_t payload = 0x7C00u + ((a & 0x007FFFFFu) >> 13);
+        uint32_t payload = 0x7C00u + ((a & 0x007FFFFFu) >> 13); /* Inf: 0x7C00 */
         payload += (uint32_t)((a > 0x7F800000u) & (payload == 0x7C00u)); /* NaN stays NaN */
         uint32_t finite = a >= 0x38800000u ? normal : sub;
         out[i] = (uint16_t)(sign | (a >= 0x7F800000u ? payload : finite));
@@ -337,17 +346,14 @@ static PyObject *round_float(PyObject *self, PyObject *args) {
                         "round_float: fmt must be 0, 1 or 2 (codes only for 1 and 2)");
         return NULL;
     }
-    matrix x, out;
-    if (get_matrix(xo, &x, 0, 4, "x") < 0) return NULL;
-    if (get_matrix(oo, &out, 1, codes ? 2 : 4, "out") < 0) {
-        PyBuffer_Release(&x.view);
-        return NULL;
-    }
+    matrix m[2] = {{.held = 0}}, x, out;
+    PyObject *result = NULL;
+    if (get_matrix(xo, &m[0], 0, 4, "x") < 0 || get_matrix(oo, &m[1], 1, codes ? 2 : 4, "out") < 0)
+        goto done;
+    x = m[0], out = m[1];
     if (out.rows != x.rows || out.cols != x.cols) {
         PyErr_SetString(PyExc_ValueError, "round_float: x and out shapes disagree");
-        PyBuffer_Release(&out.view);
-        PyBuffer_Release(&x.view);
-        return NULL;
+        goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < x.rows; r++) {
@@ -356,9 +362,10 @@ static PyObject *round_float(PyObject *self, PyObject *args) {
         else round_row(row, (uint32_t *)(out.data + r * out.stride), x.cols, fmt);
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&out.view);
-    PyBuffer_Release(&x.view);
-    Py_RETURN_NONE;
+    result = Py_NewRef(Py_None);
+done:
+    release(m, 2);
+    return result;
 }
 
 /* ---- int8 gemm: one scale group's product into the sum ----------------------------- */
@@ -373,7 +380,7 @@ CLONES static void scale_add_row(float *restrict acc, const float *restrict part
     }
     for (Py_ssize_t j0 = 0; j0 < n; j0 += width) {
         const float s = scale[j0 / width];
-        Py_ssize_t j1 = j0 + width < n ? j0 + width : n;
+        Py_ssize_t j1 = span_end(j0, width, n);
         if (first) for (Py_ssize_t j = j0; j < j1; j++) acc[j] = part[j] * s;
         else for (Py_ssize_t j = j0; j < j1; j++) acc[j] += part[j] * s;
     }
@@ -391,15 +398,16 @@ static PyObject *scale_add(PyObject *self, PyObject *args) {
     Py_ssize_t width;
     int first;
     if (!PyArg_ParseTuple(args, "OOOnp", &ao, &po, &so, &width, &first)) return NULL;
-    matrix acc, part, sc;
-    if (get_matrix(ao, &acc, 1, 4, "acc") < 0) return NULL;
-    if (get_matrix(po, &part, 0, 4, "part") < 0) goto fail_acc;
-    if (get_matrix(so, &sc, 0, 4, "scale") < 0) goto fail_part;
+    matrix m[3] = {{.held = 0}}, acc, part, sc;
+    PyObject *result = NULL;
+    if (get_matrix(ao, &m[0], 1, 4, "acc") < 0 || get_matrix(po, &m[1], 0, 4, "part") < 0 ||
+        get_matrix(so, &m[2], 0, 4, "scale") < 0)
+        goto done;
+    acc = m[0], part = m[1], sc = m[2];
     if (width < 1 || part.rows != acc.rows || part.cols != acc.cols ||
         (sc.rows != 1 && sc.rows != acc.rows) || sc.cols != (acc.cols + width - 1) / width) {
         PyErr_SetString(PyExc_ValueError, "scale_add: acc, part and scale shapes disagree");
-        PyBuffer_Release(&sc.view);
-        goto fail_part;
+        goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < acc.rows; r++)
@@ -408,15 +416,10 @@ static PyObject *scale_add(PyObject *self, PyObject *args) {
                       (const float *)(sc.data + (sc.rows == 1 ? 0 : r) * sc.stride),
                       acc.cols, width, first);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&sc.view);
-    PyBuffer_Release(&part.view);
-    PyBuffer_Release(&acc.view);
-    Py_RETURN_NONE;
-fail_part:
-    PyBuffer_Release(&part.view);
-fail_acc:
-    PyBuffer_Release(&acc.view);
-    return NULL;
+    result = Py_NewRef(Py_None);
+done:
+    release(m, 3);
+    return result;
 }
 
 /* ---- module -------------------------------------------------------------------------- */
@@ -432,6 +435,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "dshal.backends.numpy._native",
     "Fused elementwise loops of dshal's numpy backend (see _native.c).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

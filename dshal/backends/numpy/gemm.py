@@ -64,7 +64,10 @@ def round_float(x: np.ndarray, precision: str, *, copy: bool = True) -> np.ndarr
 
     fp32 and tf32 come back as float32 (tf32: mantissa rounded to 10 bits), bf16 as
     ``ml_dtypes.bfloat16``, fp16 as float16. ``copy=False`` lets fp32 return ``x`` itself.
+    The compiled loops, where built, round tf32/bf16/fp16 in one pass.
     """
+    if native.NATIVE is not None and precision in native.FLOAT_FORMAT:
+        return _round_native(native.NATIVE, x, precision, codes=True)
     with np.errstate(over="ignore"):
         if precision in _NARROW:  # the cast makes the new array: no float32 copy first
             return np.asarray(x, np.float32).astype(_NARROW[precision])
@@ -122,8 +125,6 @@ def quantize(call: QuantizeCall) -> tuple[np.ndarray, np.ndarray | None]:
     """Run ``quantize``: ``(values, scales)`` (scales ``None`` for float precisions)."""
     x = np.asarray(call.x)
     if call.precision not in QUANTIZED_PRECISIONS:
-        if native.NATIVE is not None and call.precision != "fp32":
-            return _round_native(native.NATIVE, x, call.precision, codes=True), None
         return round_float(x, call.precision), None
     return quantize_values(x, call.precision, call.granularity, call.group_size)
 
@@ -215,9 +216,7 @@ def _quantize_native(lib, x: np.ndarray, values: np.ndarray, precision: str,
     """:func:`quantize_values` through the compiled loops: each group's max, scale and
     encoding in one pass while the group is in cache; spans of rows on every CPU."""
     fmt = native.QUANTIZED_FORMAT[precision]
-    what = native.CODES if values.dtype != np.float32 else \
-        native.DEQUANT if dequantize else native.VALUES
-    out = values if values.dtype.itemsize == 4 else values.view(np.uint8)
+    out, what = _native_target(values, dequantize)
     if granularity == "tensor":
         flat, oflat = x.reshape(1, x.size), out.reshape(1, x.size)
         parts: list[float] = []
@@ -257,6 +256,14 @@ def _quantize_native(lib, x: np.ndarray, values: np.ndarray, precision: str,
     return values, scales.reshape(*x.shape[:-1], scales.shape[1])
 
 
+def _native_target(values: np.ndarray, dequantize: bool = False) -> tuple[np.ndarray, int]:
+    """What ``_native.quantize`` writes into for ``values``, and which ``what``: fp8/int8
+    storage as byte codes, float32 as values (times their scales with ``dequantize``)."""
+    if values.dtype != np.float32:
+        return values.view(np.uint8), native.CODES
+    return values, native.DEQUANT if dequantize else native.VALUES
+
+
 def _native_rows(lib, rows: np.ndarray, out: np.ndarray, scales: np.ndarray, fmt: int,
                  what: int, g: int) -> None:
     """Row quantisation through the compiled loops: float32 rows in one call, other dtypes
@@ -282,8 +289,7 @@ def quantize_rows(rows: np.ndarray, values: np.ndarray, scales: np.ndarray, prec
     [R, ceil(K/g)], chunk by chunk on the calling thread."""
     lib = native.NATIVE
     if lib is not None:
-        what = native.CODES if values.dtype != np.float32 else native.VALUES
-        out = values if values.dtype.itemsize == 4 else values.view(np.uint8)
+        out, what = _native_target(values)
         _native_rows(lib, rows, out, scales, native.QUANTIZED_FORMAT[precision], what, g)
         return
     K = rows.shape[1]
