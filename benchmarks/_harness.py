@@ -35,7 +35,9 @@ class Case:
     :param flops: floating-point operations per call (0: report GB/s instead).
     :param nbytes: bytes read plus written per call (used when ``flops`` is 0).
     :param peer: the label of the row this one is compared with (``None``: no ratio).
-    :param rounds: timed calls (after one warm-up call).
+    :param rounds: timed rounds (after one warm-up call).
+    :param iterations: calls per round (the time shown is per call): above 1 for calls of a few
+        µs, whose single timing would be mostly the timer's own cost.
     """
 
     op: str
@@ -45,6 +47,7 @@ class Case:
     nbytes: float = 0.0
     peer: str | None = None
     rounds: int = 5
+    iterations: int = 1
 
     @property
     def id(self) -> str:
@@ -57,12 +60,13 @@ def ids(cases: Iterable[Case]) -> list[str]:
 
 
 def run(benchmark: Any, case: Case) -> None:
-    """Time ``case`` with pytest-benchmark: one warm-up call, then ``case.rounds`` calls."""
+    """Time ``case`` with pytest-benchmark: one warm-up call, then ``case.rounds`` rounds of
+    ``case.iterations`` calls."""
     fn = case.make()
     benchmark.group = case.op
     benchmark.extra_info.update(impl=case.impl, flops=case.flops, bytes=case.nbytes,
                                 peer=case.peer)
-    benchmark.pedantic(fn, rounds=case.rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=case.rounds, iterations=case.iterations, warmup_rounds=1)
 
 
 def smoke(cases: Iterable[Case]) -> None:

@@ -70,6 +70,11 @@ def _dtype_str(dtype: Any) -> str:
         return name
 
 
+def dtype_name_of(x: Any) -> str:
+    """The canonical dtype name of array ``x`` (``"float32"``, ``"bfloat16"``...)."""
+    return _dtype_str(x.dtype)
+
+
 def inspect(name: str, x: Any) -> ArrayMeta:
     """Describe array argument ``name``; a non-array raises ``TypeError`` naming it."""
     lib = library_of(x)

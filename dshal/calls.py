@@ -2,7 +2,9 @@
 
 dshal checks every argument before a backend sees it: a backend receives one of these records
 with arrays already converted to its ``array_kind`` and every option resolved (``scale`` is a
-float, ``precision`` is never ``"auto"``...). Arrays may be non-contiguous.
+float, ``precision`` is never ``"auto"``...). Arrays may be non-contiguous. A record is built
+for each call (a slotted dataclass: cheap to build, no stray attributes); a backend that needs
+a variant makes one with :func:`dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 FRACTION_SLACK = 1e-9
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class AttentionCall:
     """``sparse_attention``: q [B,Hq,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv].
 
@@ -37,7 +39,7 @@ class AttentionCall:
     return_lse: bool
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class QuantizeCall:
     """``quantize``: x [..., K]; precision is one of :data:`dshal.dtypes.PRECISIONS`."""
 
@@ -47,7 +49,7 @@ class QuantizeCall:
     group_size: int
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class GemmCall:
     """``gemm``: a [..., M, K] @ b [K, N] (+ bias [N]) -> [..., M, N] in ``out_dtype``.
 
@@ -66,7 +68,7 @@ class GemmCall:
     out_dtype: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class GatedCall:
     """``gated_channels``: x [..., C] or [..., Cin] with weight [Cout, Cin] (+ bias [Cout]).
 

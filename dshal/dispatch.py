@@ -30,6 +30,8 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dshal_back
 _cache: dict[tuple, Decision] = {}
 _warned: set[str] = set()
 _env: tuple[str, str] | None = None
+_epoch = 0  # bumped by clear_cache: per-plan memos keyed by an older epoch are stale
+_MEMO_SIZE = 64
 
 
 class FallbackWarning(UserWarning):
@@ -91,26 +93,40 @@ def _policy() -> str:
     return _environment()[1]
 
 
-def _forced_choice(backend: str | None) -> tuple[str | None, str]:
+def _forced_choice(backend: str | None, env: str) -> tuple[str | None, str]:
     if backend is not None:
         return backend, "argument"
     ctx = _forced.get()
     if ctx is not None:
         return ctx, "use_backend"
-    env = _environment()[0]
     return (env, "DSHAL_BACKEND") if env else (None, "automatic")
 
 
-def decide(sig: Signature, backend: str | None = None) -> Decision:
-    """Select the backend for ``sig`` (cached); never raises for refusals, see ``Decision``."""
-    name, source = _forced_choice(backend)
-    key = (sig, name, source, _policy(), registry.generation)
+def decide(sig: Signature, backend: str | None = None,
+           memo: dict[tuple, Decision] | None = None) -> Decision:
+    """Select the backend for ``sig`` (cached); never raises for refusals, see ``Decision``.
+
+    :param memo: a dict owned by the caller that holds decisions for this ``sig`` only (a
+        validated plan's), consulted first: a hit skips hashing the whole signature.
+    """
+    env, policy = _environment()
+    name, source = _forced_choice(backend, env)
+    how = (name, source, policy, registry.generation, _epoch)
+    if memo is not None:
+        found = memo.get(how)
+        if found is not None:
+            return found
+    key = (sig, *how)
     found = _cache.get(key)
     if found is None:
-        found = _decide(sig, name, source, key[3])
+        found = _decide(sig, name, source, policy)
         if len(_cache) > 4096:
             _cache.clear()
         _cache[key] = found
+    if memo is not None:
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[how] = found
     return found
 
 
@@ -144,9 +160,11 @@ def _decide(sig: Signature, name: str | None, source: str, policy: str) -> Decis
     return Decision(None, "automatic", all_refusals, f"no backend accepts this call on {where}")
 
 
-def select(sig: Signature, backend: str | None = None) -> tuple[Backend, Decision]:
-    """The backend that runs ``sig``; raises with every backend's reasons when none can."""
-    decision = decide(sig, backend)
+def select(sig: Signature, backend: str | None = None,
+           memo: dict[tuple, Decision] | None = None) -> tuple[Backend, Decision]:
+    """The backend that runs ``sig``; raises with every backend's reasons when none can
+    (``memo`` as for :func:`decide`)."""
+    decision = decide(sig, backend, memo)
     if decision.unknown:
         raise DshalValueError(decision.error)
     if decision.backend is None:
@@ -175,7 +193,8 @@ def _warn_fallback(sig: Signature, decision: Decision) -> None:
 def clear_cache() -> None:
     """Forget cached decisions and fallback warnings, and re-read ``DSHAL_BACKEND`` and
     ``DSHAL_FALLBACK`` (call it after changing them, or plugins, in a running process)."""
-    global _env
+    global _env, _epoch
     _cache.clear()
     _warned.clear()
     _env = None
+    _epoch += 1

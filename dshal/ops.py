@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from dshal import arrays, dispatch
 from dshal.capabilities import Signature
 from dshal.plans import PLANNERS, Plan
@@ -25,18 +27,25 @@ _PLANS: dict[tuple, Plan] = {}
 _MAX_PLANS = 4096
 
 
+def _plan_key(op: str, present: dict[str, Any], options: dict[str, Any]) -> tuple:
+    """The plan-cache key of a call: numpy arrays by dtype and shape (their library and device
+    are fixed; building their metadata costs a µs each), other arrays by their metadata.
+    Option types are part of the key: ``True == 1`` must not reuse the plan validated for 1."""
+    described = tuple([(n, x.dtype, x.shape) if type(x) is np.ndarray
+                       else (n, arrays.inspect(n, x)) for n, x in present.items()])
+    return op, described, tuple(options.items()), tuple(map(type, options.values()))
+
+
 def _plan(op: str, arrs: dict[str, Any], options: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
     """The validated plan for this call signature (cached), and the arrays given."""
     present = {n: x for n, x in arrs.items() if x is not None}
-    metas = {n: arrays.inspect(n, x) for n, x in present.items()}
-    # option types are part of the key: True == 1 must not reuse the plan validated for 1
-    key: tuple | None = (op, tuple(metas.items()),
-                         tuple((k, type(v), v) for k, v in options.items()))
+    key: tuple | None = _plan_key(op, present, options)
     try:
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable option value (e.g. a list): validate without caching
         key, plan = None, None
     if plan is None:
+        metas = {n: arrays.inspect(n, x) for n, x in present.items()}
         arrays.common_origin(metas)
         plan = PLANNERS[op](metas, **options)
         if key is not None:
@@ -48,10 +57,16 @@ def _plan(op: str, arrs: dict[str, Any], options: dict[str, Any]) -> tuple[Plan,
 
 def _execute(plan: Plan, present: dict[str, Any], backend: str | None,
              concrete: str | None = None) -> tuple[list[Any], Backend]:
-    sig = plan.sig if concrete is None else replace(
-        plan.sig, precision=concrete, features=plan.sig.features - {"auto"})
-    b, decision = dispatch.select(sig, backend)
-    results = plan.run(b, "numpy" if decision.fallback else b.spec.array_kind, present, concrete)
+    if concrete is None:
+        sig, memo = plan.sig, plan.decisions
+    else:
+        sig = replace(plan.sig, precision=concrete, features=plan.sig.features - {"auto"})
+        memo = None
+    b, decision = dispatch.select(sig, backend, memo)
+    kind = "numpy" if decision.fallback else b.spec.array_kind
+    arrs = present if kind == sig.library else \
+        {n: arrays.to_kind(x, kind) for n, x in present.items()}
+    results = plan.run(b, arrs, concrete)
     like = next(iter(present.values()))
     return [arrays.from_kind(r, sig.library, like) for r in results], b
 
@@ -60,6 +75,8 @@ def _autograd(*xs: Any) -> bool:
     """Whether a call belongs to :mod:`dshal.torch`: torch tensors while ``torch.compile``
     traces, or with grad enabled and a tensor that requires grad (never imports torch for
     other arrays)."""
+    if type(xs[0]) is np.ndarray:
+        return False
     if type(xs[0]).__module__.partition(".")[0] != "torch":
         return False
     import torch

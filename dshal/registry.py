@@ -227,6 +227,7 @@ class Registry:
         """Forget every loaded backend; the next use discovers them again (for tests/tools)."""
         with self._lock:
             self._backends = None
+            self.generation += 1  # decisions cached before now name the forgotten backends
 
     @staticmethod
     def _discover() -> dict[str, Backend]:

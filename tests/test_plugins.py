@@ -256,3 +256,39 @@ def test_decisions_are_cached(plugins):
     for _ in range(5):
         dshal.ops.gated_channels(x, g)
     assert len(dispatch._cache) <= before + 1
+
+
+def test_repeated_calls_follow_every_change_of_selection(plugins, monkeypatch):
+    """A plan memoises its dispatch decisions; forcing, the environment after clear_cache and a
+    plugin reload still decide the very next call."""
+    x, g = _gates()
+    ran: list[str] = []
+    select = dispatch.select
+
+    def spy(sig, backend=None, memo=None):
+        chosen, decision = select(sig, backend, memo)
+        ran.append(chosen.name)
+        return chosen, decision
+
+    monkeypatch.setattr(dispatch, "select", spy)
+
+    def runs_on(**kwargs) -> str:
+        dshal.ops.gated_channels(x, g, **kwargs)
+        return ran[-1]
+
+    assert runs_on() == runs_on() == "picky"
+    assert runs_on(backend="numpy") == "numpy"
+    assert runs_on() == "picky"
+    with dshal.use_backend("numpy"):
+        assert runs_on() == "numpy"
+    assert runs_on() == "picky"
+    monkeypatch.setenv("DSHAL_BACKEND", "numpy")
+    assert runs_on() == "picky"  # the environment is read once...
+    dispatch.clear_cache()
+    assert runs_on() == "numpy"  # ...until clear_cache
+    monkeypatch.delenv("DSHAL_BACKEND")
+    dispatch.clear_cache()
+    assert runs_on() == "picky"
+    monkeypatch.setenv("DSHAL_PLUGINS", "numpy")
+    registry.reload()
+    assert runs_on() == "numpy"
