@@ -240,3 +240,169 @@ def test_compiled_functions_refuse_bad_buffers():
     with pytest.raises(BufferError):  # a read-only out
         LIB.quantize(x, np.empty((4, 8), np.uint8).data.toreadonly(),
                      np.ones((4, 1), np.float32), 1, 8, 0, 0, False)
+
+
+# --- the int8 gemm's integer kernel -----------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(not native.INT8_KERNEL,
+                                  reason="the int8 kernel runs on x86-64 with AVX2 only")
+
+
+def _avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+def test_int8_kernel_is_built_where_it_can_run():
+    """On an x86-64 Linux CPU with AVX2 (dev and CI machines) the kernel must be there."""
+    if LIB is None or os.environ.get("DSHAL_NUMPY_INT8_KERNEL", "1").strip() == "0":
+        pytest.skip("compiled loops or the kernel switched off")
+    if not (sys.platform == "linux" and os.uname().machine == "x86_64" and _avx2()):
+        pytest.skip("not an x86-64 Linux CPU with AVX2")
+    assert LIB.INT8_KERNEL is True and native.INT8_KERNEL is True
+
+
+def kernel_and_blas(monkeypatch, fn, *args, **kwargs):
+    """``fn`` with the int8 kernel (asserting that it ran), then with float32 BLAS products."""
+    runs: list[int] = []
+    real = gemm_mod._IntKernel.run
+
+    def counted(self, *a, **k):
+        runs.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(gemm_mod._IntKernel, "run", counted)
+    first = fn(*args, **kwargs)
+    assert runs, "the int8 kernel did not run"
+    monkeypatch.setattr(native, "INT8_KERNEL", False)
+    runs.clear()
+    second = fn(*args, **kwargs)
+    assert not runs
+    monkeypatch.setattr(native, "INT8_KERNEL", True)
+    return first, second
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, K, N, g", [
+    (1, 1, 1, 128), (7, 130, 17, 128), (13, 256, 48, 64), (6, 2048, 16, 128),
+    (25, 1030, 31, 1030),   # one span over EXACT_K terms: float64 products rounded once
+    (9, 2500, 20, 1200),    # spans over EXACT_K, several of them
+    (40, 300, 70, 3),       # odd groups: BLAS (pairs would straddle the groups)
+])
+def test_int8_kernel_agrees_with_blas_products(monkeypatch, M, K, N, g):
+    rng = np.random.default_rng(M * K + N)
+    a = wide_range(rng, (M, K))
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    if g % 2:  # the kernel declines; the two paths are then one
+        assert gemm_mod._IntKernel.build(np.ones((K, N), np.float32), gemm_mod._GroupScales.build(
+            2, None, K, N, g, np.dtype(np.float32)), g) is None
+        return
+    assert_same(*kernel_and_blas(monkeypatch, dshal.ops.gemm, a, b, precision="int8",
+                                 group_size=g, backend="numpy"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("form", ["scalar", "per row", "per column", "per row group+block"])
+def test_int8_kernel_on_stored_values_with_every_scale_form(monkeypatch, form):
+    rng = np.random.default_rng(7)
+    M, K, N = 23, 384, 50  # N not a multiple of 16 nor of the group: scales per column
+    a = rng.integers(-128, 128, (2, M, K)).astype(np.int8)  # -128 too: stored, not quantised
+    b = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    scales = {
+        "scalar": (0.25, np.float32(3.0)),
+        "per row": (rng.random((2, M, 1), dtype=np.float32), 0.5),
+        "per column": (None, rng.random((1, N), dtype=np.float32)),
+        "per row group+block": (rng.random((2, M, 3), dtype=np.float32),
+                                rng.random((3, 1), dtype=np.float32)),
+    }[form]
+    bias = rng.standard_normal(N).astype(np.float32)
+    for values in (b, np.asfortranarray(b)[::-1][::-1]):  # and b transposed in memory
+        assert_same(*kernel_and_blas(monkeypatch, dshal.ops.gemm, a, values, precision="int8",
+                                     a_scale=scales[0], b_scale=scales[1], bias=bias,
+                                     backend="numpy"))
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 30), K=st.integers(1, 400), N=st.integers(1, 70),
+       g=st.sampled_from([2, 16, 64, 128, 256]), exponent=st.integers(-15, 15),
+       seed=st.integers(0, 2**16))
+def test_int8_kernel_agrees_property(M, K, N, g, exponent, seed):
+    rng = np.random.default_rng(seed)
+    # elements over 30 binades, zeros among them; every scale product stays a float32 normal
+    a = (rng.standard_normal((M, K)) * 10.0 ** rng.integers(-15, 15, (M, K))).astype(np.float32)
+    a.reshape(-1)[::7] = 0
+    b = (rng.standard_normal((K, N)) * 10.0**exponent).astype(np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        assert_same(*kernel_and_blas(mp, dshal.ops.gemm, a, b, precision="int8", group_size=g,
+                                     backend="numpy"))
+
+
+@needs_kernel
+def test_int8_kernel_leaves_float64_sums_and_lossy_scales_to_blas(monkeypatch):
+    rng = np.random.default_rng(8)
+    a = rng.integers(-128, 128, (12, 256)).astype(np.int8)
+    b = rng.integers(-128, 128, (256, 32)).astype(np.int8)
+    runs: list[int] = []
+    real = gemm_mod._IntKernel.run
+    monkeypatch.setattr(gemm_mod._IntKernel, "run",
+                        lambda self, *x: (runs.append(1), real(self, *x))[1])
+    dshal.ops.gemm(a, b, a_scale=0.5, out_dtype="float64", backend="numpy")
+    # a product of scales that float32 would round into the subnormals: float64 scales
+    out = dshal.ops.gemm(a, b, a_scale=1e-30, b_scale=1e-15, backend="numpy")
+    assert not runs
+    want = (a.astype(np.float64) @ b.astype(np.float64)) * 1e-45
+    np.testing.assert_allclose(out, want.astype(np.float32), rtol=1e-6)
+
+
+@needs_kernel
+def test_int8_kernel_functions_refuse_bad_buffers():
+    K, N = 10, 20
+    b = np.ones((K, N), np.float32)
+    packed = np.empty((2, 5 * 32), np.int16)
+    LIB.pack_b(b, packed)
+    with pytest.raises(ValueError, match="pack_b: out must be"):
+        LIB.pack_b(b, np.empty((1, 5 * 32), np.int16))
+    acc = np.empty((4, N), np.float32)
+    a16 = np.zeros((6, K), np.int16)
+    scales = np.ones((1, 1), np.float32)
+    LIB.int8_panel(acc, a16, packed, K, K, scales, N)
+    with pytest.raises(ValueError, match="disagree"):  # a's rows not padded to the 6-row tile
+        LIB.int8_panel(acc, a16[:4], packed, K, K, scales, N)
+    with pytest.raises(ValueError, match="disagree"):  # odd groups between spans
+        LIB.int8_panel(acc, a16, packed, K, 5, np.ones((2, 1), np.float32), N)
+    with pytest.raises(ValueError, match="disagree"):  # scales for another width
+        LIB.int8_panel(acc, a16, packed, K, K, np.ones((1, 3), np.float32), N)
+    with pytest.raises(ValueError, match="a must be a 2-D array"):
+        LIB.int8_panel(acc, a16.astype(np.int32), packed, K, K, scales, N)
+
+
+@needs_kernel
+@pytest.mark.parametrize("a_scale", [0.37, 1e-3])
+def test_int8_kernel_sums_beyond_float32_integers(monkeypatch, a_scale):
+    """A span of 1500 terms of -128 x -128 sums past 2**24, where float32 stops holding every
+    integer: the kernel must round the exact int32 sum times its scale once, as BLAS's float64
+    chunk sums do, not the sum first."""
+    K = 1500
+    a = np.full((7, K), -128, np.int8)
+    b = np.full((K, 18), -128, np.int8)
+    a[:, 0] = b[0] = 127  # one odd product: odd sums, which float32 cannot hold
+    a[3, :5] = 1
+    out, blas = kernel_and_blas(monkeypatch, dshal.ops.gemm, a, b, a_scale=a_scale,
+                                backend="numpy")
+    assert_same(out, blas)
+    sums = a.astype(np.int64) @ b.astype(np.int64)
+    assert sums.min() > 2**24 and (sums % 2).all()
+    np.testing.assert_array_equal(out, (sums * np.float64(np.float32(a_scale))).astype(np.float32))
+
+
+def test_int8_kernel_switch_off_by_environment():
+    code = ("from dshal.backends.numpy import native; "
+            "print(native.INT8_KERNEL, native.INT8_STATUS)")
+    env = {**os.environ, "DSHAL_NUMPY_INT8_KERNEL": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("False") and "float32 BLAS" in out

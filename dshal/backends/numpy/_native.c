@@ -10,8 +10,10 @@
  * axis contiguous, rows at any stride. The GIL is released while a loop runs, so the
  * backend's thread pool runs spans of rows in parallel. Compiled with -ffp-contract=off (a
  * multiply-add must round twice, as numpy's two passes do) and -fno-trapping-math (so that
- * the clipping compares become vector min/max; no result changes, only exception flags). On x86-64 Linux each loop is
- * compiled twice (AVX2 and baseline) and the loader picks one for the CPU.
+ * the clipping compares become vector min/max; no result changes, only exception flags). On
+ * x86-64 Linux each loop is compiled twice (AVX2 and baseline) and the loader picks one for
+ * the CPU. The module also holds the int8 gemm's integer kernel (int8_panel, AVX2 only: see
+ * its section), whose results are bitwise those of the float32 BLAS products it replaces.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -422,6 +424,239 @@ done:
     return result;
 }
 
+/* ---- int8 gemm: exact integer products of each scale group ---------------------------- */
+
+/* The int8 gemm's products are exact integers: each K span's sum of int8 x int8 terms is
+ * accumulated in int32 with AVX2's vpmaddwd (pairs of int16 products summed into int32
+ * lanes, twice the multiply-adds per instruction of a float32 FMA), then converted and
+ * scaled exactly as scale_add does (product and sum each rounded to float32; spans longer
+ * than EXACT_K terms, whose sums float32 cannot hold exactly, as float64 products rounded
+ * once to float32, as the numpy path's float64 sums are).
+ *
+ * b is packed once per gemm into NR-column panels of K pairs ([NB, Kp * 2 * NR] int16:
+ * panel, pair, column, the pair's two k); a panel of rows is int16 [rows padded to MR,
+ * K padded to even] with the two k of a pair adjacent, so one 32-bit broadcast loads them. */
+
+enum { MR = 6, NR = 16, EXACT_K = 1024, INT32_K = 131072 };
+
+PyDoc_STRVAR(pack_b_doc,
+"pack_b(b, out) -> None\n\n"
+"Pack integer-valued float32 b [K, N] (|b| <= 128) into int16 out [ceil(N/16),\n"
+"ceil(K/2) * 32] for int8_panel: out[j, 32 p + 2 c + h] = b[2 p + h, 16 j + c], 0 beyond b.");
+
+/* Rows 2p and 2p+1 of b (r1 NULL past K) into pair p of every panel (`pstride` apart). */
+CLONES static void pack_pairs(const float *restrict r0, const float *restrict r1,
+                              Py_ssize_t n, int16_t *restrict dst, Py_ssize_t pstride) {
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += NR, dst += pstride) {
+        if (j0 + NR <= n && r1) {
+            for (int c = 0; c < NR; c++) {
+                dst[2 * c] = (int16_t)r0[j0 + c];
+                dst[2 * c + 1] = (int16_t)r1[j0 + c];
+            }
+            continue;
+        }
+        for (int c = 0; c < NR; c++) {
+            int in = j0 + c < n;
+            dst[2 * c] = in ? (int16_t)r0[j0 + c] : 0;
+            dst[2 * c + 1] = in && r1 ? (int16_t)r1[j0 + c] : 0;
+        }
+    }
+}
+
+static PyObject *pack_b(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *bo, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &bo, &oo)) return NULL;
+    matrix m[2] = {{.held = 0}}, b, out;
+    PyObject *result = NULL;
+    if (get_matrix(bo, &m[0], 0, 4, "b") < 0 || get_matrix(oo, &m[1], 1, 2, "out") < 0)
+        goto done;
+    b = m[0], out = m[1];
+    Py_ssize_t kp = (b.rows + 1) / 2;
+    if (out.rows != (b.cols + NR - 1) / NR || out.cols != kp * 2 * NR) {
+        PyErr_SetString(PyExc_ValueError, "pack_b: out must be [ceil(N/16), ceil(K/2) * 32]");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t p = 0; p < kp; p++) {
+        const float *r0 = (const float *)(b.data + 2 * p * b.stride);
+        const float *r1 = 2 * p + 1 < b.rows ? (const float *)(b.data + (2 * p + 1) * b.stride)
+                                             : NULL;
+        pack_pairs(r0, r1, b.cols, (int16_t *)out.data + p * 2 * NR, out.stride / 2);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(m, 2);
+    return result;
+}
+
+/* The scale of columns n0..n0+NR of one scale row (ncols entries, `width` columns each). */
+static inline void column_scales(const float *srow, Py_ssize_t n0, Py_ssize_t n,
+                                 Py_ssize_t width, float s[NR]) {
+    for (int c = 0; c < NR; c++) {
+        Py_ssize_t col = n0 + c < n ? n0 + c : n - 1;
+        s[c] = srow[col / width];
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_INT8_KERNEL 1
+
+static inline int32_t load_pair(const int16_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* The MR x NR int32 tile sum over pairs p0..p1 of rows a[0..MR) (`astride` apart) times the
+ * b panel, into t: twelve named accumulators, so that they stay in registers. */
+__attribute__((target("avx2"))) static inline void int8_tile(
+    const int16_t *a, Py_ssize_t astride, const int16_t *panel, Py_ssize_t p0, Py_ssize_t p1,
+    __m256i t[2 * MR]) {
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+            c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const int16_t *a0 = a, *a1 = a + astride, *a2 = a + 2 * astride, *a3 = a + 3 * astride,
+                  *a4 = a + 4 * astride, *a5 = a + 5 * astride;
+#define ROW(r)                                                                  \
+    {                                                                           \
+        const __m256i x = _mm256_set1_epi32(load_pair(a##r + 2 * p));           \
+        c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(x, b0));          \
+        c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(x, b1));          \
+    }
+    for (Py_ssize_t p = p0; p < p1; p++) {
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR + NR));
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+    }
+#undef ROW
+    t[0] = c00, t[1] = c01, t[2] = c10, t[3] = c11, t[4] = c20, t[5] = c21;
+    t[6] = c30, t[7] = c31, t[8] = c40, t[9] = c41, t[10] = c50, t[11] = c51;
+}
+
+/* acc[R, N] (float32) = the scaled sum over the K spans of a [R, K] @ b [K, N]; see
+ * int8_panel_doc. `a` rows are `astride` int16 apart, `bp` panels `bstride`. */
+__attribute__((target("avx2"))) static void int8_panel_avx2(
+    float *acc, Py_ssize_t accstride, Py_ssize_t R, Py_ssize_t N, Py_ssize_t K,
+    const int16_t *a, Py_ssize_t astride, const int16_t *bp, Py_ssize_t bstride,
+    Py_ssize_t g, const float *scales, Py_ssize_t sstride, Py_ssize_t srows, Py_ssize_t width) {
+    const Py_ssize_t kp = (K + 1) / 2, spans = (K + g - 1) / g;
+    const int uniform = width % NR == 0 || width >= N; /* one scale per NR columns */
+    for (Py_ssize_t n0 = 0; n0 < N; n0 += NR) {
+        const int16_t *panel = bp + (n0 / NR) * bstride;
+        const Py_ssize_t nc = span_end(n0, NR, N) - n0, col0 = uniform ? n0 / width : 0;
+        for (Py_ssize_t m0 = 0; m0 < R; m0 += MR) {
+            const Py_ssize_t mr = span_end(m0, MR, R) - m0;
+            __m256 f[2 * MR];
+            for (Py_ssize_t s = 0; s < spans; s++) {
+                const Py_ssize_t p0 = s * g / 2, p1 = s == spans - 1 ? kp : (s + 1) * g / 2;
+                __m256i c[2 * MR];
+                int8_tile(a + m0 * astride, astride, panel, p0, p1, c);
+                const Py_ssize_t len = span_end(s * g, g, K) - s * g;
+                const int exact = len <= EXACT_K;
+                float sc[NR];
+                for (int r = 0; r < MR; r++) {
+                    /* rows past R (the padding) reuse the last row's scales; never stored */
+                    Py_ssize_t row = srows == 1 ? 0 : (m0 + r < R ? m0 + r : R - 1);
+                    const float *srow = scales + (s * srows + row) * sstride;
+                    __m256 s0, s1;
+                    if (uniform) {
+                        s0 = s1 = _mm256_set1_ps(srow[col0]);
+                    } else if (width == 1 && nc == NR) {
+                        s0 = _mm256_loadu_ps(srow + n0);
+                        s1 = _mm256_loadu_ps(srow + n0 + 8);
+                    } else {
+                        column_scales(srow, n0, N, width, sc);
+                        s0 = _mm256_loadu_ps(sc);
+                        s1 = _mm256_loadu_ps(sc + 8);
+                    }
+                    __m256 t0, t1;
+                    if (exact) { /* the sum is exact in float32: scale_add's roundings */
+                        t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(c[2 * r]), s0);
+                        t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(c[2 * r + 1]), s1);
+                    } else { /* float64 product rounded once to float32 */
+                        int32_t v[NR];
+                        float t[NR];
+                        _mm256_storeu_si256((__m256i *)v, c[2 * r]);
+                        _mm256_storeu_si256((__m256i *)(v + 8), c[2 * r + 1]);
+                        _mm256_storeu_ps(sc, s0);
+                        _mm256_storeu_ps(sc + 8, s1);
+                        for (int j = 0; j < NR; j++) t[j] = (float)((double)v[j] * (double)sc[j]);
+                        t0 = _mm256_loadu_ps(t);
+                        t1 = _mm256_loadu_ps(t + 8);
+                    }
+                    f[2 * r] = s == 0 ? t0 : _mm256_add_ps(f[2 * r], t0);
+                    f[2 * r + 1] = s == 0 ? t1 : _mm256_add_ps(f[2 * r + 1], t1);
+                }
+            }
+            for (Py_ssize_t r = 0; r < mr; r++) {
+                float *dst = acc + (m0 + r) * accstride + n0;
+                if (nc == NR) {
+                    _mm256_storeu_ps(dst, f[2 * r]);
+                    _mm256_storeu_ps(dst + 8, f[2 * r + 1]);
+                } else {
+                    float t[NR];
+                    _mm256_storeu_ps(t, f[2 * r]);
+                    _mm256_storeu_ps(t + 8, f[2 * r + 1]);
+                    memcpy(dst, t, (size_t)nc * 4);
+                }
+            }
+        }
+    }
+}
+#else
+#define HAVE_INT8_KERNEL 0
+#endif
+
+PyDoc_STRVAR(int8_panel_doc,
+"int8_panel(acc, a, bp, K, g, scales, width) -> None\n\n"
+"acc [R, N] float32 = sum over the K spans s of g (the last one shorter) of\n"
+"(a[:, span] @ b[span, :]) * scale_s, the product exact in int32, each scaling and sum\n"
+"rounded to float32 as scale_add's (spans over 1024 terms: float64 products rounded once).\n"
+"a: int16 [R rounded up to 6, K rounded up to even], integer values |a| <= 128, zero\n"
+"padding; bp: b as pack_b packs it; scales: float32 [spans * (R or 1), ceil(N / width)],\n"
+"span s's scale rows at s * (R or 1). g must be even when there is more than one span and at\n"
+"most 131072. Raises NotImplementedError where the kernel is not built (INT8_KERNEL False)\n"
+"or the CPU lacks AVX2.");
+
+static PyObject *int8_panel(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ao, *xo, *bo, *so;
+    Py_ssize_t K, g, width;
+    if (!PyArg_ParseTuple(args, "OOOnnOn", &ao, &xo, &bo, &K, &g, &so, &width)) return NULL;
+#if HAVE_INT8_KERNEL
+    if (!__builtin_cpu_supports("avx2")) {
+#endif
+        PyErr_SetString(PyExc_NotImplementedError, "int8_panel needs an x86-64 CPU with AVX2");
+        return NULL;
+#if HAVE_INT8_KERNEL
+    }
+    matrix m[4] = {{.held = 0}}, acc, a, bp, sc;
+    PyObject *result = NULL;
+    if (get_matrix(ao, &m[0], 1, 4, "acc") < 0 || get_matrix(xo, &m[1], 0, 2, "a") < 0 ||
+        get_matrix(bo, &m[2], 0, 2, "bp") < 0 || get_matrix(so, &m[3], 0, 4, "scales") < 0)
+        goto done;
+    acc = m[0], a = m[1], bp = m[2], sc = m[3];
+    Py_ssize_t R = acc.rows, N = acc.cols, spans = g > 0 ? (K + g - 1) / g : 0;
+    Py_ssize_t srows = spans ? sc.rows / spans : 0;
+    if (K < 1 || g < 1 || g > INT32_K || (spans > 1 && g % 2) || width < 1 || R < 1 ||
+        N < 1 || a.rows < (R + MR - 1) / MR * MR || a.cols != (K + 1) / 2 * 2 ||
+        a.stride % 2 || bp.rows != (N + NR - 1) / NR || bp.cols != (K + 1) / 2 * 2 * NR ||
+        bp.stride % 2 || acc.stride % 4 || sc.stride % 4 || (srows != 1 && srows != R) ||
+        sc.rows != spans * srows || sc.cols != (N + width - 1) / width) {
+        PyErr_SetString(PyExc_ValueError, "int8_panel: acc, a, bp, K, g, scales and width "
+                        "disagree");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    int8_panel_avx2((float *)acc.data, acc.stride / 4, R, N, K, (const int16_t *)a.data,
+                    a.stride / 2, (const int16_t *)bp.data, bp.stride / 2, g,
+                    (const float *)sc.data, sc.stride / 4, srows, width);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(m, 4);
+    return result;
+#endif
+}
+
 /* ---- module -------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -429,6 +664,8 @@ static PyMethodDef methods[] = {
     {"amax", amax, METH_O, amax_doc},
     {"round_float", round_float, METH_VARARGS, round_float_doc},
     {"scale_add", scale_add, METH_VARARGS, scale_add_doc},
+    {"pack_b", pack_b, METH_VARARGS, pack_b_doc},
+    {"int8_panel", int8_panel, METH_VARARGS, int8_panel_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -438,4 +675,14 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *mod = PyModule_Create(&module);
+    int kernel = 0;
+#if HAVE_INT8_KERNEL
+    kernel = __builtin_cpu_supports("avx2");
+#endif
+    /* whether int8_panel runs here (x86-64 with AVX2) */
+    if (mod && PyModule_AddObjectRef(mod, "INT8_KERNEL", kernel ? Py_True : Py_False) < 0)
+        Py_CLEAR(mod);
+    return mod;
+}

@@ -30,3 +30,17 @@ def _load() -> tuple[ModuleType | None, str]:
 
 #: the compiled module, or None when the numpy passes run instead
 NATIVE, STATUS = _load()
+def _int8_kernel() -> tuple[bool, str]:
+    if NATIVE is None:
+        return False, "float32 BLAS (exact in groups of at most 1024 terms)"
+    if not getattr(NATIVE, "INT8_KERNEL", False):
+        return False, "float32 BLAS (the int32 kernel needs an x86-64 CPU with AVX2)"
+    if os.environ.get("DSHAL_NUMPY_INT8_KERNEL", "1").strip() == "0":
+        return False, "float32 BLAS (int32 kernel switched off: DSHAL_NUMPY_INT8_KERNEL=0)"
+    return True, "int32 kernel (AVX2, dshal.backends.numpy._native)"
+
+
+#: whether the int8 gemm sums its exact products in the compiled int32 kernel (x86-64 with
+#: AVX2) instead of float32 BLAS (bitwise the same results); ``DSHAL_NUMPY_INT8_KERNEL=0``
+#: keeps BLAS. :data:`INT8_STATUS` says which (``dshal info`` prints it)
+INT8_KERNEL, INT8_STATUS = _int8_kernel()

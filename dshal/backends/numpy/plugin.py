@@ -90,11 +90,12 @@ def dshal_device_probe() -> DeviceInfo:
         threads = "one per CPU or DSHAL_NUM_THREADS (BLAS held to one thread meanwhile)"
     except ImportError:
         threads = "one (install threadpoolctl to use every CPU)"
-    from dshal.backends.numpy.native import STATUS
+    from dshal.backends.numpy import native
 
     return DeviceInfo(present=True, name=name, driver=f"numpy {np.__version__}, BLAS: {_blas()}",
                       details={"processor": _cpu_model(), "attention threads": threads,
-                               "quantize and rounding": STATUS})
+                               "quantize and rounding": native.STATUS,
+                               "int8 gemm products": native.INT8_STATUS})
 
 
 @hookimpl
