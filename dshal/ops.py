@@ -27,19 +27,23 @@ _PLANS: dict[tuple, Plan] = {}
 _MAX_PLANS = 4096
 
 
-def _plan_key(op: str, present: dict[str, Any], options: dict[str, Any]) -> tuple:
-    """The plan-cache key of a call: numpy arrays by dtype and shape (their library and device
-    are fixed; building their metadata costs a µs each), other arrays by their metadata.
-    Option types are part of the key: ``True == 1`` must not reuse the plan validated for 1."""
-    described = tuple([(n, x.dtype, x.shape) if type(x) is np.ndarray
-                       else (n, arrays.inspect(n, x)) for n, x in present.items()])
-    return op, described, tuple(options.items()), tuple(map(type, options.values()))
-
-
 def _plan(op: str, arrs: dict[str, Any], options: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
-    """The validated plan for this call signature (cached), and the arrays given."""
-    present = {n: x for n, x in arrs.items() if x is not None}
-    key: tuple | None = _plan_key(op, present, options)
+    """The validated plan for this call signature (cached), and the arrays given.
+
+    The cache key: numpy arrays by dtype and shape (their library and device are fixed;
+    building their metadata costs a µs each), other arrays by their metadata, options by value
+    and type (``True == 1`` must not reuse the plan validated for 1). Plain loops, not
+    comprehensions: each of those costs a function call on a path of a few µs.
+    """
+    present: dict[str, Any] = {}
+    described = []
+    for n, x in arrs.items():
+        if x is not None:
+            present[n] = x
+            described.append((n, x.dtype, x.shape) if type(x) is np.ndarray
+                             else (n, arrays.inspect(n, x)))
+    key: tuple | None = (op, tuple(described), tuple(options.items()),
+                         tuple(map(type, options.values())))
     try:
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable option value (e.g. a list): validate without caching
@@ -68,7 +72,10 @@ def _execute(plan: Plan, present: dict[str, Any], backend: str | None,
         {n: arrays.to_kind(x, kind) for n, x in present.items()}
     results = plan.run(b, arrs, concrete)
     like = next(iter(present.values()))
-    return [arrays.from_kind(r, sig.library, like) for r in results], b
+    converted = []
+    for r in results:
+        converted.append(arrays.from_kind(r, sig.library, like))
+    return converted, b
 
 
 def _autograd(*xs: Any) -> bool:

@@ -60,8 +60,10 @@ def open_mask(logits: np.ndarray, mode: str, threshold: float, keep: int | float
 def gated_channels(call: GatedCall) -> tuple[np.ndarray, np.ndarray | None]:
     """Run ``gated_channels``: ``(y, mask)``, y in x's dtype."""
     x = np.asarray(call.x)
-    cdt = np.float64 if x.dtype == np.float64 else np.float32
-    z = np.asarray(call.gate_logits).astype(cdt, copy=False)
+    cdt = np.float64 if x.dtype.type is np.float64 else np.float32
+    z = np.asarray(call.gate_logits)
+    if z.dtype.type is not cdt:
+        z = z.astype(cdt)
     mask = open_mask(z, call.mode, call.threshold, call.keep)
     gate = None if call.mode == "hard" else sigmoid(z)
     if call.weight is None and gate is None:  # the common hard gate: one select, no arithmetic
