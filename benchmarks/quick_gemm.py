@@ -5,7 +5,9 @@ quantize of a ``--rows`` x ``--rows`` float32 tensor next to ``np.copyto`` of th
 Each round calls every row once (after a warm-up call and a short pause each), so that a
 neighbour's load moves all rows alike; the median and best over ``--repeat`` rounds are
 printed with the ratio to the row's peer (numpy fp32 for gemm, the copy for quantize): the
-targets of docs/performance.md read those ratios. Run:
+targets of docs/performance.md read those ratios. A row that follows a BLAS row shares the
+CPUs with OpenBLAS's workers while they spin before sleeping; ``OPENBLAS_THREAD_TIMEOUT=4``
+shortens that (docs/performance.md, 2026-12-02). Run:
 ``python benchmarks/quick_gemm.py [--size 2048] [--rows 4096] [--repeat 7]``.
 """
 
