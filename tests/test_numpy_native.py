@@ -406,3 +406,20 @@ def test_int8_kernel_switch_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("False") and "float32 BLAS" in out
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [131071, 131072])
+def test_int8_kernel_longest_int32_sum(monkeypatch, K):
+    """131071 terms of -128 x -128 is the longest sum int32 holds (2**31 - 16384): the kernel
+    takes it; one term more and the gemm stays on BLAS's float64 chunk sums."""
+    a = np.full((1, K), -128, np.int8)
+    b = np.full((K, 1), -128, np.int8)
+    runs: list[int] = []
+    real = gemm_mod._IntKernel.run
+    monkeypatch.setattr(gemm_mod._IntKernel, "run",
+                        lambda self, *x: (runs.append(1), real(self, *x))[1])
+    out = dshal.ops.gemm(a, b, a_scale=0.37, backend="numpy")
+    assert bool(runs) == (K < 2**17)
+    want = np.float64(K * 16384) * np.float64(np.float32(0.37))
+    np.testing.assert_array_equal(out, np.full((1, 1), want, np.float32))

@@ -294,7 +294,8 @@ static inline uint32_t fp16_bits(uint32_t u) {
     return sign | (a >= 0x38800000u ? normal : sub);
 }
 
-CLONES static void round_row(const uint32_t *restrict x, uint32_t *restrict out, Py_ssize_t n, int fmt) {
+CLONES static void round_row(const uint32_t *restrict x, uint32_t *restrict out, Py_ssize_t n,
+                             int fmt) {
     if (fmt == TF32) {
         for (Py_ssize_t i = 0; i < n; i++) out[i] = round_bits(x[i], 13);
     } else if (fmt == BF16) {
@@ -437,7 +438,7 @@ done:
  * panel, pair, column, the pair's two k); a panel of rows is int16 [rows padded to MR,
  * K padded to even] with the two k of a pair adjacent, so one 32-bit broadcast loads them. */
 
-enum { MR = 6, NR = 16, EXACT_K = 1024, INT32_K = 131072 };
+enum { MR = 6, NR = 16, EXACT_K = 1024, INT32_K = 131071 }; /* 131071 * 128 * 128 < 2**31 */
 
 PyDoc_STRVAR(pack_b_doc,
 "pack_b(b, out) -> None\n\n"
@@ -613,8 +614,8 @@ PyDoc_STRVAR(int8_panel_doc,
 "a: int16 [R rounded up to 6, K rounded up to even], integer values |a| <= 128, zero\n"
 "padding; bp: b as pack_b packs it; scales: float32 [spans * (R or 1), ceil(N / width)],\n"
 "span s's scale rows at s * (R or 1). g must be even when there is more than one span and at\n"
-"most 131072. Raises NotImplementedError where the kernel is not built (INT8_KERNEL False)\n"
-"or the CPU lacks AVX2.");
+"most 131071 (int32 sums). Raises NotImplementedError where the kernel is not built\n"
+"(INT8_KERNEL False) or the CPU lacks AVX2.");
 
 static PyObject *int8_panel(PyObject *self, PyObject *args) {
     (void)self;

@@ -544,7 +544,7 @@ class _IntKernel:
     #: bytes of a's int16 panel (rows x K) that stay in cache next to one panel of b
     PANEL_BYTES = 1 << 20
     #: the kernel's row tile (panels hold a multiple of it) and the most terms per int32 sum
-    TILE_ROWS, MAX_SPAN = 6, 1 << 17
+    TILE_ROWS, MAX_SPAN = 6, (1 << 17) - 1  # 131071 * 128 * 128 < 2**31
 
     def __init__(self, packed: np.ndarray, K: int, span: int, width: int) -> None:
         self.packed, self.K, self.span, self.width = packed, K, span, width
@@ -555,7 +555,7 @@ class _IntKernel:
     def build(cls, bv: np.ndarray, plan: _GroupScales, g: int) -> _IntKernel | None:
         """The kernel for this gemm, or None where it does not apply: not built, switched off
         (``native.INT8_KERNEL``), float64 sums, or spans it cannot hold (odd group sizes
-        between spans, sums of more than 2**17 terms)."""
+        between spans, sums of more than 131071 terms)."""
         lib = native.NATIVE
         K, N = bv.shape
         span = K if len(plan.bounds) == 1 else g
