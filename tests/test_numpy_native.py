@@ -423,3 +423,54 @@ def test_int8_kernel_longest_int32_sum(monkeypatch, K):
     assert bool(runs) == (K < 2**17)
     want = np.float64(K * 16384) * np.float64(np.float32(0.37))
     np.testing.assert_array_equal(out, np.full((1, 1), want, np.float32))
+
+
+# --- attention's exp2 -------------------------------------------------------------------------
+
+
+@needs_native
+def test_exp2_within_two_ulp_of_the_exact_power():
+    rng = np.random.default_rng(9)
+    x = np.concatenate([np.linspace(-126, 128, 200_000, dtype=np.float32),
+                        rng.uniform(-125, 128, 200_000).astype(np.float32),
+                        rng.uniform(-1, 1, 100_000).astype(np.float32)]).reshape(4, -1)
+    y = np.empty_like(x)
+    LIB.exp2(x, y)
+    exact = np.exp2(x.astype(np.float64))
+    normal = (exact >= 2.0**-125) & (exact < 2.0**128)
+    assert (np.abs(y[normal] - exact[normal]) <= 2 * 2.0**-24 * exact[normal]).all()
+    assert (y[exact < 2.0**-125] == 0).all()  # flushed: attention's sums hold a term >= 1
+
+
+@needs_native
+def test_exp2_special_values_and_strided_rows():
+    x = np.array([[-np.inf, np.inf, np.nan, 0.0, -0.0, 128.0, 1e30, -1e30, -125.0, 3.0]],
+                 np.float32)
+    y = np.full_like(x, 7.0)
+    LIB.exp2(x, y)
+    np.testing.assert_array_equal(y[0, :2], [0.0, np.inf])
+    assert np.isnan(y[0, 2])
+    np.testing.assert_array_equal(y[0, 3:], [1, 1, np.inf, np.inf, 0, 2.0**-125, 8])
+    wide = np.arange(24, dtype=np.float32).reshape(4, 6) - 12
+    out = np.zeros((4, 12), np.float32)
+    LIB.exp2(wide[:, ::1][::2], out[::2, :6])  # rows at a stride on both sides
+    np.testing.assert_array_equal(out[::2, :6], np.exp2(wide[::2]))
+    assert not out[1::2].any() and not out[:, 6:].any()
+    with pytest.raises(ValueError, match="shapes disagree"):
+        LIB.exp2(x, np.empty((1, 3), np.float32))
+    with pytest.raises(ValueError, match="x must be a 2-D array"):
+        LIB.exp2(x.astype(np.float64), y)
+
+
+@needs_native
+def test_attention_with_and_without_the_compiled_exp2():
+    """The compiled exp2 moves attention by ulps, not by its tolerance (the reference check
+    is the conformance suite's; this compares the two paths directly)."""
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((1, 4, 300, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 300, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 300, 32)).astype(np.float32)
+    for kwargs in ({"causal": True}, {"top_k": 2, "block_size": 32, "window": 40,
+                                      "causal": True}):
+        fast, slow = both(dshal.ops.sparse_attention, q, k, v, backend="numpy", **kwargs)
+        np.testing.assert_allclose(fast, slow, rtol=2e-6, atol=2e-7)

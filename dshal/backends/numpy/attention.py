@@ -18,7 +18,8 @@ range:
    twice.
 
 Both passes fold their products into per-query state with an online softmax in float32
-(float64 for float64 inputs), in base 2 (``exp2`` is 2.5x faster than ``exp`` in numpy), that
+(float64 for float64 inputs), in base 2 (``exp2`` was 2.5x faster than ``exp`` in numpy; in
+float32 the compiled loop of :mod:`.native` runs it, within 2 ulp, where numpy's is scalar), that
 rescales lazily: scores are shifted by a per-row reference (initially the score of the query's
 own position, a key the query is allowed), carried as an extra query column against a column
 of ones on the keys so the shift costs no pass, and the values carry a column of ones so the
@@ -48,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from dshal.backends.numpy import native
 from dshal.calls import AttentionCall, resolve_count
 
 #: query rows (queries x heads of the group) per unit of work: bounds the per-unit state
@@ -450,7 +452,7 @@ class _Head:
         """
         g = self.g
         mref = self.m[rows].reshape(-1)
-        p = np.exp2(s)
+        p = _exp2(s)
         pv = self._pv(p, j0, j1, mask)
         bad = np.nonzero(~(pv[:, -1] <= _LIMIT) | (mref == NEG_INF))[0]
         if bad.size:  # unset or too low a reference (or NaN): rescale to the true max
@@ -482,6 +484,17 @@ class _Head:
         for j in np.nonzero(bad)[0]:
             pv[:, :-1] += np.where(rowmask[:, j, None], p[:, j, None] * kv.vt[j0 + j], 0)
         return pv
+
+
+def _exp2(s: np.ndarray) -> np.ndarray:
+    """``2**s`` of a score tile: the compiled loop for float32 where it is built (within 2 ulp
+    of numpy's, 5x faster on CPUs where numpy's float32 exp2 is scalar libm), else numpy."""
+    lib = native.NATIVE
+    if lib is None or s.dtype != np.float32 or s.ndim != 2 or not s.flags.c_contiguous:
+        return np.exp2(s)
+    p = np.empty_like(s)
+    lib.exp2(s, p)
+    return p
 
 
 def _band_pass(head: _Head, w: int, dense: bool) -> None:
