@@ -265,8 +265,8 @@ def test_int8_kernel_is_built_where_it_can_run():
     assert LIB.INT8_KERNEL is True and native.INT8_KERNEL is True
 
 
-def kernel_and_blas(monkeypatch, fn, *args, **kwargs):
-    """``fn`` with the int8 kernel (asserting that it ran), then with float32 BLAS products."""
+def kernel_runs(monkeypatch) -> list[int]:
+    """A list that gains an entry each time the int8 kernel runs a panel."""
     runs: list[int] = []
     real = gemm_mod._IntKernel.run
 
@@ -275,6 +275,12 @@ def kernel_and_blas(monkeypatch, fn, *args, **kwargs):
         return real(self, *a, **k)
 
     monkeypatch.setattr(gemm_mod._IntKernel, "run", counted)
+    return runs
+
+
+def kernel_and_blas(monkeypatch, fn, *args, **kwargs):
+    """``fn`` with the int8 kernel (asserting that it ran), then with float32 BLAS products."""
+    runs = kernel_runs(monkeypatch)
     first = fn(*args, **kwargs)
     assert runs, "the int8 kernel did not run"
     monkeypatch.setattr(native, "INT8_KERNEL", False)
@@ -346,10 +352,7 @@ def test_int8_kernel_leaves_float64_sums_and_lossy_scales_to_blas(monkeypatch):
     rng = np.random.default_rng(8)
     a = rng.integers(-128, 128, (12, 256)).astype(np.int8)
     b = rng.integers(-128, 128, (256, 32)).astype(np.int8)
-    runs: list[int] = []
-    real = gemm_mod._IntKernel.run
-    monkeypatch.setattr(gemm_mod._IntKernel, "run",
-                        lambda self, *x: (runs.append(1), real(self, *x))[1])
+    runs = kernel_runs(monkeypatch)
     dshal.ops.gemm(a, b, a_scale=0.5, out_dtype="float64", backend="numpy")
     # a product of scales that float32 would round into the subnormals: float64 scales
     out = dshal.ops.gemm(a, b, a_scale=1e-30, b_scale=1e-15, backend="numpy")
@@ -415,10 +418,7 @@ def test_int8_kernel_longest_int32_sum(monkeypatch, K):
     takes it; one term more and the gemm stays on BLAS's float64 chunk sums."""
     a = np.full((1, K), -128, np.int8)
     b = np.full((K, 1), -128, np.int8)
-    runs: list[int] = []
-    real = gemm_mod._IntKernel.run
-    monkeypatch.setattr(gemm_mod._IntKernel, "run",
-                        lambda self, *x: (runs.append(1), real(self, *x))[1])
+    runs = kernel_runs(monkeypatch)
     out = dshal.ops.gemm(a, b, a_scale=0.37, backend="numpy")
     assert bool(runs) == (K < 2**17)
     want = np.float64(K * 16384) * np.float64(np.float32(0.37))

@@ -180,6 +180,19 @@ static void release(matrix *ms, int n) {
         if (ms[i].held) PyBuffer_Release(&ms[i].view);
 }
 
+/* float32 x and a writable out of the same shape (out_size-byte elements) into m[0] and m[1]
+ * for an elementwise loop over rows; -1 with the error set (the caller releases m). */
+static int elementwise_pair(PyObject *xo, PyObject *oo, matrix m[2], Py_ssize_t out_size,
+                            const char *fn) {
+    if (get_matrix(xo, &m[0], 0, 4, "x") < 0 || get_matrix(oo, &m[1], 1, out_size, "out") < 0)
+        return -1;
+    if (m[0].rows != m[1].rows || m[0].cols != m[1].cols) {
+        PyErr_Format(PyExc_ValueError, "%s: x and out shapes disagree", fn);
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- quantize ------------------------------------------------------------------------ */
 
 PyDoc_STRVAR(quantize_doc,
@@ -351,13 +364,8 @@ static PyObject *round_float(PyObject *self, PyObject *args) {
     }
     matrix m[2] = {{.held = 0}}, x, out;
     PyObject *result = NULL;
-    if (get_matrix(xo, &m[0], 0, 4, "x") < 0 || get_matrix(oo, &m[1], 1, codes ? 2 : 4, "out") < 0)
-        goto done;
+    if (elementwise_pair(xo, oo, m, codes ? 2 : 4, "round_float") < 0) goto done;
     x = m[0], out = m[1];
-    if (out.rows != x.rows || out.cols != x.cols) {
-        PyErr_SetString(PyExc_ValueError, "round_float: x and out shapes disagree");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < x.rows; r++) {
         const uint32_t *row = (const uint32_t *)(x.data + r * x.stride);
@@ -696,13 +704,8 @@ static PyObject *exp2_(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OO", &xo, &oo)) return NULL;
     matrix m[2] = {{.held = 0}}, x, out;
     PyObject *result = NULL;
-    if (get_matrix(xo, &m[0], 0, 4, "x") < 0 || get_matrix(oo, &m[1], 1, 4, "out") < 0)
-        goto done;
+    if (elementwise_pair(xo, oo, m, 4, "exp2") < 0) goto done;
     x = m[0], out = m[1];
-    if (x.rows != out.rows || x.cols != out.cols) {
-        PyErr_SetString(PyExc_ValueError, "exp2: x and out shapes disagree");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < x.rows; r++)
         exp2_row((const float *)(x.data + r * x.stride), (float *)(out.data + r * out.stride),

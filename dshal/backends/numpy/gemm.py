@@ -547,7 +547,7 @@ class _IntKernel:
     TILE_ROWS, MAX_SPAN = 6, (1 << 17) - 1  # 131071 * 128 * 128 < 2**31
 
     def __init__(self, packed: np.ndarray, K: int, span: int, width: int) -> None:
-        self.packed, self.K, self.span, self.width = packed, K, span, width
+        self.packed, self.span, self.width = packed, span, width
         tile = self.TILE_ROWS
         self.rows = max(tile, min(384, self.PANEL_BYTES // (2 * K) // tile * tile))
 

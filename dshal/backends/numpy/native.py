@@ -30,6 +30,8 @@ def _load() -> tuple[ModuleType | None, str]:
 
 #: the compiled module, or None when the numpy passes run instead
 NATIVE, STATUS = _load()
+
+
 def _int8_kernel() -> tuple[bool, str]:
     if NATIVE is None:
         return False, "float32 BLAS (exact in groups of at most 1024 terms)"
