@@ -48,6 +48,11 @@ def info_rows() -> list[dict[str, Any]]:
             "priority": spec.priority if spec else None,
             "ops": {op: sorted(cap.dtypes) for op, cap in spec.capabilities.items()}
             if spec else {},
+            "precisions": {op: sorted(cap.precisions) for op, cap in spec.capabilities.items()
+                           if cap.precisions} if spec else {},
+            "features": {op: sorted(cap.features) for op, cap in spec.capabilities.items()}
+            if spec else {},
+            "notes": list(b.notes),
             "error": b.unavailable_reason() if b.status != AVAILABLE else "",
             "details": dict(dev.details) if dev else {},
         })
@@ -84,12 +89,14 @@ def cmd_info(args: argparse.Namespace) -> int:
                        cell(r["api_compatible"]), cell(r["device_found"]), r["device"],
                        r["driver"])
     out.print(status)
-    caps = Table(title="operators and dtypes")
-    for col in ("backend", "op", "dtypes"):
+    caps = Table(title="operators: dtypes, precisions and features")
+    for col in ("backend", "op", "dtypes", "precisions", "features"):
         caps.add_column(col)
     for r in rows:
         for op, dtypes in r["ops"].items():
-            caps.add_row(r["name"], op, ", ".join(dtypes))
+            caps.add_row(r["name"], op, ", ".join(dtypes),
+                         ", ".join(r["precisions"].get(op, [])) or "-",
+                         ", ".join(r["features"].get(op, [])) or "-")
     if caps.row_count:
         out.print(caps)
     for r in rows:  # what each probe found (an OpenCL backend lists every platform/device)
@@ -97,6 +104,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             out.print(f"[bold]{r['name']}[/] device details:", highlight=False)
             for key, value in r["details"].items():
                 out.print(f"  {key}: {value}", highlight=False, markup=False)
+    for r in rows:
+        for note in r["notes"]:
+            out.print(f"[bold]{r['name']}[/]: {escape(note)}", highlight=False)
     for r in rows:
         if r["error"]:
             # errors are plain text: "[cuda12]" in an install hint is not rich markup

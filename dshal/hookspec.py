@@ -143,3 +143,11 @@ RUN_HOOKS = {
     "gemm": "dshal_gemm_run",
     "gated_channels": "dshal_gated_channels_run",
 }
+
+#: what each run hook returns: the names of its tuple's items (``None``: a single array)
+RUN_RESULTS: dict[str, tuple[str, ...] | None] = {
+    "sparse_attention": ("out", "indices", "lse"),
+    "quantize": ("values", "scales"),
+    "gemm": None,
+    "gated_channels": ("y", "mask"),
+}

@@ -81,7 +81,13 @@ def _expect(b: Backend, what: str, value: Any, shape: tuple[int, ...] | None, dt
     if type(value) is np.ndarray and (shape is None or value.shape == shape) \
             and arrays.dtype_name_of(value) == dtype:
         return  # the common case, without building its metadata (a µs on tiny calls)
-    meta = arrays.inspect(what, value)
+    try:
+        meta = arrays.inspect(what, value)
+    except TypeError:
+        raise PluginError(f"backend {b.name!r} broke the plugin contract: it returned {what} "
+                          f"as {type(value).__name__}, expected an array of its array_kind "
+                          f"with shape {list(shape) if shape is not None else '(any)'} "
+                          f"dtype {dtype}") from None
     if (shape is not None and tuple(meta.shape) != shape) or meta.dtype != dtype:
         raise PluginError(
             f"backend {b.name!r} returned {what} with shape {list(meta.shape)} dtype {meta.dtype}"

@@ -3,8 +3,10 @@
 Each entry point of the group ``dshal.backends`` becomes one :class:`Backend`. Loading runs, in
 order: the allow-list ``DSHAL_PLUGINS``, the import, registration with a pluggy ``PluginManager``
 validated against :mod:`dshal.hookspec`, the declaration, the plugin-API handshake and the device
-probe. Any failure is recorded on that backend (status and error text) and never propagates:
-dshal and every other backend keep working.
+probe, all under a time limit (:mod:`dshal.isolation`): any failure, ``BaseException`` and
+overrunning the limit included, is recorded on that backend (status and error text) and never
+propagates: dshal and every other backend keep working. Which entry point serves a name is the
+rule of :mod:`dshal.plugin_names` (built-in names reserved, duplicates loaded from none).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import pluggy
 
-from dshal import hookspec
+from dshal import hookspec, isolation, plugin_names
 from dshal.capabilities import (
     FEATURES,
     OPS,
@@ -35,6 +37,7 @@ GROUP = "dshal.backends"
 # statuses, in the order loading reaches them
 DISABLED = "disabled"  # excluded by DSHAL_PLUGINS
 BROKEN = "broken"  # failed to import, register, declare or probe
+CONFLICT = "conflict"  # the name is registered by several distributions (none is loaded)
 INCOMPATIBLE = "incompatible"  # plugin API range excludes ours
 NO_DEVICE = "no-device"  # probe found no hardware
 AVAILABLE = "available"
@@ -52,6 +55,7 @@ class Backend:
     spec: BackendSpec | None = None
     device: DeviceInfo | None = None
     stage: str = ""  # the loading stage reached: import, register, declare, handshake, probe
+    notes: list[str] = field(default_factory=list)  # ignored claims on this name (dshal info)
     _hooks: Any = field(default=None, repr=False)
     # each plugin has its own PluginManager holding only itself, so a run hook has exactly one
     # implementation: call it directly and skip pluggy's per-call machinery (µs per call)
@@ -105,7 +109,26 @@ class Backend:
         if result is None:
             raise PluginError(
                 f"backend {self.name!r} returned nothing from {hookspec.RUN_HOOKS[op]}")
+        problem = _result_problem(op, result)
+        if problem:
+            raise PluginError(f"backend {self.name!r} broke the plugin contract: "
+                              f"{hookspec.RUN_HOOKS[op]} {problem}")
         return result
+
+
+def _result_problem(op: str, result: Any) -> str:
+    """How a run hook's result breaks :data:`hookspec.RUN_RESULTS` ('' when it does not)."""
+    items = hookspec.RUN_RESULTS[op]
+    got = f"a {len(result)}-tuple" if isinstance(result, (tuple, list)) \
+        else f"a {type(result).__name__}"
+    if items is None:
+        if isinstance(result, (tuple, list, str, bytes, int, float)):
+            return f"must return one array (out), got {got}"
+        return ""
+    if not isinstance(result, (tuple, list)) or len(result) != len(items):
+        return (f"must return a {len(items)}-tuple ({', '.join(items)}; None for results "
+                f"not asked for), got {got}")
+    return ""
 
 
 def _short_error(exc: BaseException) -> str:
@@ -148,52 +171,68 @@ def _missing_run_hooks(pm: pluggy.PluginManager, spec: BackendSpec) -> list[str]
             if not getattr(pm.hook, hookspec.RUN_HOOKS[op]).get_hookimpls()]
 
 
-def load(ep: EntryPoint, allowed: set[str] | None) -> Backend:
-    """Load one entry point into a :class:`Backend`, recording (never raising) any failure."""
+def load(ep: EntryPoint, allowed: set[str] | None, limit: float | None = None) -> Backend:
+    """Load one entry point into a :class:`Backend`, recording (never raising) any failure.
+
+    :param limit: seconds the import, registration, declaration and probe may take together
+        (``None``: no limit); see :mod:`dshal.isolation`.
+    """
     dist = getattr(ep, "dist", None)
     b = Backend(name=ep.name, entry_point=ep.value,
                 distribution=f"{dist.name} {dist.version}" if dist else "")
     if allowed is not None and ep.name not in allowed:
         b.status = DISABLED
         return b
-    try:
-        b.stage = "import"
-        plugin = ep.load()
-        b.stage = "register"
-        pm = pluggy.PluginManager(hookspec.PROJECT)
-        pm.add_hookspecs(hookspec)
-        pm.register(plugin, name=ep.name)
-        pm.check_pending()
-        b._hooks = pm.hook
-        b.stage = "declare"
-        spec = pm.hook.dshal_backend_declare()
-        problem = _check_spec(ep.name, spec)
-        if not problem:
-            missing = _missing_run_hooks(pm, spec)
-            problem = f"declares ops without their run hooks: {missing}" if missing else ""
-        if problem:
-            b.error = problem
-            return b
-        b.spec = spec
-        b._runners = {op: getattr(pm.hook, name).get_hookimpls()[0].function
-                      for op, name in hookspec.RUN_HOOKS.items()
-                      if getattr(pm.hook, name).get_hookimpls()}
-        b.stage = "handshake"
-        problem = _handshake(spec)
-        if problem:
-            b.status, b.error = INCOMPATIBLE, problem
-            return b
-        b.stage = "probe"
-        device = pm.hook.dshal_device_probe()
-        if not isinstance(device, DeviceInfo):
-            b.error = f"dshal_device_probe returned {type(device).__name__}, expected DeviceInfo"
-            return b
-        b.device = device
-        b.status = AVAILABLE if device.present else NO_DEVICE
-        b.error = "" if device.present else device.reason
-    except Exception as exc:  # isolation: a bad plugin is reported, never fatal
-        b.status, b.error = BROKEN, _short_error(exc)
+    outcome = isolation.run_isolated(lambda: _load_stages(ep, b), ep.name, limit)
+    if outcome.timed_out:  # the worker may still write to b: report on a fresh record
+        stuck = Backend(name=b.name, entry_point=b.entry_point, distribution=b.distribution,
+                        stage=b.stage)
+        stuck.error = (f"did not finish loading within {limit:g} s (stuck in its {b.stage} "
+                       f"stage); raise {isolation.ENV} if the plugin is merely slow")
+        return stuck
+    if outcome.error is not None:  # isolation: a bad plugin is reported, never fatal
+        b.status, b.error = BROKEN, _short_error(outcome.error)
+        if not isinstance(outcome.error, Exception):
+            b.error += " (raised by the plugin; isolated)"
     return b
+
+
+def _load_stages(ep: EntryPoint, b: Backend) -> None:
+    """Import, register, declare, handshake and probe ``ep`` into ``b`` (may raise)."""
+    b.stage = "import"
+    plugin = ep.load()
+    b.stage = "register"
+    pm = pluggy.PluginManager(hookspec.PROJECT)
+    pm.add_hookspecs(hookspec)
+    pm.register(plugin, name=ep.name)
+    pm.check_pending()
+    b._hooks = pm.hook
+    b.stage = "declare"
+    spec = pm.hook.dshal_backend_declare()
+    problem = _check_spec(ep.name, spec)
+    if not problem:
+        missing = _missing_run_hooks(pm, spec)
+        problem = f"declares ops without their run hooks: {missing}" if missing else ""
+    if problem:
+        b.error = problem
+        return
+    b.spec = spec
+    b._runners = {op: getattr(pm.hook, name).get_hookimpls()[0].function
+                  for op, name in hookspec.RUN_HOOKS.items()
+                  if getattr(pm.hook, name).get_hookimpls()}
+    b.stage = "handshake"
+    problem = _handshake(spec)
+    if problem:
+        b.status, b.error = INCOMPATIBLE, problem
+        return
+    b.stage = "probe"
+    device = pm.hook.dshal_device_probe()
+    if not isinstance(device, DeviceInfo):
+        b.error = f"dshal_device_probe returned {type(device).__name__}, expected DeviceInfo"
+        return
+    b.device = device
+    b.status = AVAILABLE if device.present else NO_DEVICE
+    b.error = "" if device.present else device.reason
 
 
 class Registry:
@@ -233,12 +272,16 @@ class Registry:
     def _discover() -> dict[str, Backend]:
         raw = os.environ.get("DSHAL_PLUGINS", "").strip()
         allowed = {n.strip() for n in raw.split(",") if n.strip()} if raw else None
+        limit = isolation.timeout()
         found: dict[str, Backend] = {}
-        for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-            if ep.name in found:  # the same name from two distributions: keep the first
-                found[ep.name].error += f"; another distribution also provides {ep.value}"
+        for claim in plugin_names.resolve(entry_points(group=GROUP)):
+            if claim.chosen is None:
+                found[claim.name] = Backend(
+                    name=claim.name, entry_point="; ".join(claim.claimants), status=CONFLICT,
+                    stage="discover", error=claim.problem, notes=list(claim.notes))
                 continue
-            found[ep.name] = load(ep, allowed)
+            b = found[claim.name] = load(claim.chosen, allowed, limit)
+            b.notes.extend(claim.notes)
         return found
 
 
