@@ -14,6 +14,7 @@ import numpy as np
 
 from dshal.capabilities import CPU, device_type_name
 from dshal.dtypes import numpy_dtype
+from dshal.errors import DshalTypeError, DshalValueError
 
 #: device codes for torch device types DLPack has no code for (documented in docs/backends.md)
 TORCH_DEVICE_TYPES = {"cpu": 1, "cuda": 2, "mps": 8, "xpu": 14, "meta": 1000, "npu": 1001,
@@ -79,7 +80,7 @@ def inspect(name: str, x: Any) -> ArrayMeta:
     """Describe array argument ``name``; a non-array raises ``TypeError`` naming it."""
     lib = library_of(x)
     if lib is None:
-        raise TypeError(
+        raise DshalTypeError(
             f"{name} must be an array (numpy, torch, cupy or any object with __dlpack__), "
             f"got {type(x).__name__}"
         )
@@ -97,12 +98,12 @@ def common_origin(metas: dict[str, ArrayMeta]) -> tuple[str, tuple[int, int]]:
     first_name, first = items[0]
     for name, meta in items[1:]:
         if meta.library != first.library:
-            raise TypeError(
+            raise DshalTypeError(
                 f"arrays of one call must come from one library: {first_name} is "
                 f"{first.library}, {name} is {meta.library}"
             )
         if meta.device != first.device:
-            raise ValueError(
+            raise DshalValueError(
                 f"arrays of one call must be on one device: {first_name} is on "
                 f"{device_type_name(first.device[0])}:{first.device[1]}, {name} is on "
                 f"{device_type_name(meta.device[0])}:{meta.device[1]}"
@@ -216,6 +217,19 @@ def value_range(x: Any) -> tuple[int, int] | None:
     if (x.numel() if library_of(x) == "torch" else x.size) == 0:
         return None
     return int(x.min()), int(x.max())
+
+
+def zeros_like_kind(like: Any, specs: list[tuple[tuple[int, ...], str]],
+                    wanted: tuple[bool, ...]) -> list[Any]:
+    """Zero-filled arrays of ``like``'s kind, one per ``(shape, dtype)`` whose ``wanted`` flag
+    is set (results of a call with nothing to compute, e.g. zero heads)."""
+    kind = library_of(like)
+    made = []
+    for (shape, dtype), want in zip(specs, wanted):
+        if want:
+            made.append(to_kind(np.zeros(shape, numpy_dtype(dtype)),
+                                kind if kind in ("numpy", "torch", "cupy") else "numpy"))
+    return made
 
 
 def cast(x: Any, dtype: str) -> Any:

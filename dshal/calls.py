@@ -101,7 +101,7 @@ def resolve_count(spec: int | float, n: Any) -> Any:
     if isinstance(spec, (int, np.integer)):
         if spec < 0:
             raise ValueError(f"a count must be >= 0, got {spec}")
-        k = np.minimum(n_arr, int(spec))
+        k = np.minimum(n_arr, min(int(spec), np.iinfo(np.int64).max))  # 10**30 is valid
     elif isinstance(spec, (float, np.floating)):
         f = float(spec)
         if not 0.0 < f <= 1.0:

@@ -16,6 +16,7 @@ import numpy as np
 
 from dshal import arrays, dispatch
 from dshal.capabilities import Signature
+from dshal.errors import DshalTypeError, UnsupportedError
 from dshal.plans import PLANNERS, Plan
 from dshal.registry import Backend, registry
 from dshal.validate import check_bool, check_choice
@@ -37,6 +38,10 @@ def _plan(op: str, arrs: dict[str, Any], options: dict[str, Any]) -> tuple[Plan,
     """
     present: dict[str, Any] = {}
     described = []
+    for n in _REQUIRED[op]:
+        if arrs[n] is None:
+            raise DshalTypeError(f"{n} is required: an array (numpy, torch, cupy or any object "
+                                 "with __dlpack__), got None")
     for n, x in arrs.items():
         if x is not None:
             present[n] = x
@@ -217,7 +222,7 @@ def gemm(a: Any, b: Any, *, precision: str | None = None, a_scale: Any = None,
 
         options = dict(plan.options)
         chooser, _ = dispatch.select(plan.sig, backend)
-        order = options["candidates"] or chooser.spec.capabilities["gemm"].auto_order or ("fp32",)
+        order = _auto_candidates(chooser, options["candidates"])
         chosen, estimated = choose_precision(arrays.to_kind(a, "numpy"),
                                              arrays.to_kind(b, "numpy"), order,
                                              options["tolerance"], group_size)
@@ -228,6 +233,21 @@ def gemm(a: Any, b: Any, *, precision: str | None = None, a_scale: Any = None,
     if not return_info:
         return out
     return out, {"precision": chosen, "estimated_error": estimated, "backend": bk.name}
+
+
+def _auto_candidates(chooser: Backend, given: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The precisions ``auto`` walks on ``chooser``: ``given`` (default: its declared
+    ``auto_order``, else fp32) less those it does not declare, so a precision the backend would
+    refuse is never picked. UnsupportedError when none is left."""
+    cap = chooser.spec.capabilities["gemm"]
+    order = given or cap.auto_order or ("fp32",)
+    served = tuple(p for p in order if p in cap.precisions)
+    if not served:
+        raise UnsupportedError(
+            f"gemm(precision='auto'): backend {chooser.name!r} declares none of the candidates "
+            f"{list(order)} (its precisions: {', '.join(sorted(cap.precisions)) or 'none'})",
+            {chooser.name: [f"candidates {list(order)} not among its precisions"]})
+    return served
 
 
 def gated_channels(x: Any, gate_logits: Any, *, weight: Any = None, bias: Any = None,
@@ -269,6 +289,8 @@ _ARRAY_ARGS = {
     "gated_channels": ("x", "gate_logits", "weight", "bias"),
 }
 _POSITIONAL = {"sparse_attention": 3, "quantize": 1, "gemm": 2, "gated_channels": 2}
+#: the array arguments a call cannot do without
+_REQUIRED = {op: names[:_POSITIONAL[op]] for op, names in _ARRAY_ARGS.items()}
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from dshal import arrays
+from dshal import arrays, clipping
 from dshal.arrays import ArrayMeta
-from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
+from dshal.calls import (
+    AttentionCall,
+    GatedCall,
+    GemmCall,
+    QuantizeCall,
+    selection_width,
+)
 from dshal.capabilities import Signature
 from dshal.dtypes import (
     FLOAT_DTYPES,
@@ -130,12 +136,13 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
     if tuple(mv.shape[1:3]) != (Hkv, Lk):
         raise DshalValueError(f"v must have k's heads and length [{Hkv}, {Lk}] in dims 1-2, got "
                               f"shape {list(mv.shape)}")
-    if Hkv == 0 or Hq % Hkv:
+    if (Hkv == 0 and Hq != 0) or (Hkv and Hq % Hkv):
         raise DshalValueError(
             f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
     top_k = check_count_or_fraction("top_k", top_k)
     block_size = check_int("block_size", block_size, minimum=1)
     window = check_int("window", window, minimum=0)
+    top_k, block_size, window = clipping.attention(top_k, block_size, window, Lq, Lk)
     causal = check_bool("causal", causal)
     return_indices = check_bool("return_indices", return_indices)
     return_lse = check_bool("return_lse", return_lse)
@@ -172,6 +179,12 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
     def run(b: Backend, arrs: Arrays, precision: str | None = None) -> list[Any]:
         get = arrs.get
         idx = get("indices")
+        if Hkv == 0:  # no heads: nothing to compute (and no group size g = Hq / Hkv)
+            width = mi.shape[3] if has_indices else \
+                selection_width(Lq, Lk, block_size, causal, top_k) if top_k is not None else 0
+            return arrays.zeros_like_kind(
+                get("q"), [((B, Hq, Lq, Dv), dtype), ((B, Hkv, Lq, width), "int64"),
+                           ((B, Hq, Lq), "float32")], (True, return_indices, return_lse))
         call = AttentionCall(get("q"), get("k"), get("v"), top_k, block_size, window, causal,
                              scale, None if idx is None else arrays.cast(idx, "int64"),
                              return_indices, return_lse)
@@ -221,6 +234,8 @@ def plan_quantize(metas: dict[str, ArrayMeta], *, precision, granularity="row",
     check_ndim("x", mx, 2 if quantized and granularity == "block" else None,
                minimum=1 if quantized and granularity == "row" else 0)
     shape = tuple(mx.shape)
+    group_size = clipping.group_size(
+        group_size, *(shape[-1:] if granularity == "row" else shape))
     out_dtype, scales_shape = quantize_result(shape, precision, granularity, group_size)
     sig = _sig("quantize", metas, frozenset({granularity}) if quantized else frozenset(),
                precision, ())
@@ -303,7 +318,7 @@ def plan_gemm(metas: dict[str, ArrayMeta], *, precision=None, a_scale=None, b_sc
     if da in FLOAT_DTYPES and db in FLOAT_DTYPES and da != db:
         raise DshalTypeError(f"a has dtype {da} and b has {db}: float inputs must share a dtype")
     precision = _resolve_precision(precision, da, db)
-    group_size = check_int("group_size", group_size, minimum=1)
+    group_size = clipping.group_size(check_int("group_size", group_size, minimum=1), K, N)
     _check_scales(metas, {"a_scale": a_scale, "b_scale": b_scale}, group_size)
     if "bias" in metas:
         check_ndim("bias", metas["bias"], 1)
@@ -392,6 +407,7 @@ def plan_gated(metas: dict[str, ArrayMeta], *, mode="hard", threshold=0.0, keep=
         check_shape("bias", metas["bias"], (c_out,), "one value per output channel")
         if metas["bias"].dtype != dtype:
             raise DshalTypeError(f"bias has dtype {metas['bias'].dtype} but x has {dtype}")
+    keep = clipping.count(keep, c_out)
     gate_shape = tuple(mg.shape)
     if gate_shape not in ((c_out,), (*lead, c_out)):
         raise DshalValueError(f"gate_logits must have shape [{c_out}] (static) or "

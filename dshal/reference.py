@@ -542,6 +542,13 @@ def _operand(x: np.ndarray, name: str, precision: str, scale: Any | None, group_
     return _f64(round_to_precision(x, precision))
 
 
+def gemm_operand(x: np.ndarray, name: str, precision: str, group_size: int) -> np.ndarray:
+    """One *float* gemm operand (``name`` "a": quantised by row, "b": by block) at
+    ``precision``, as :func:`gemm_operands` forms it; a's rows, or b's rows starting at a
+    multiple of ``group_size``, may be formed a slice at a time."""
+    return _operand(x, name, precision, None, group_size, "row" if name == "a" else "block")
+
+
 def gemm_operands(a: Any, b: Any, precision: str | None, *, a_scale: Any | None = None,
                   b_scale: Any | None = None, group_size: int = 128,
                   ) -> tuple[np.ndarray, np.ndarray]:

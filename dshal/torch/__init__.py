@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dshal import clipping
 from dshal.dtypes import PRECISIONS
 from dshal.torch import library  # registers torch.ops.dshal.*
 from dshal.validate import check_count_or_fraction
@@ -41,6 +42,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      indices: torch.Tensor | None = None, return_indices: bool = False,
                      return_lse: bool = False, backend: str | None = None) -> Any:
     """:func:`dshal.ops.sparse_attention` with autograd."""
+    if _concrete_ints(q.shape[2], k.shape[2], block_size, window) and \
+            (top_k is None or _concrete_ints(top_k) or isinstance(top_k, float)):
+        # as dshal.ops clips them (dshal.clipping): the backward allocates by block_size
+        top_k, block_size, window = clipping.attention(top_k, block_size, window,
+                                                       q.shape[2], k.shape[2])
     count, fraction = _split(top_k)
     out, sel, lse = torch.ops.dshal.sparse_attention(q, k, v, indices, count, fraction,
                                                      block_size, window, causal, scale, backend)
@@ -93,10 +99,17 @@ def gated_channels(x: torch.Tensor, gate_logits: torch.Tensor, *,
                    mode: str = "hard", threshold: float = 0.0, keep: int | float | None = None,
                    return_mask: bool = False, backend: str | None = None) -> Any:
     """:func:`dshal.ops.gated_channels` with autograd (see the module docstring)."""
+    if _concrete_ints(keep, gate_logits.shape[-1]):
+        keep = clipping.count(keep, gate_logits.shape[-1])
     count, fraction = _split(keep)
     y, mask = torch.ops.dshal.gated_channels(x, gate_logits, weight, bias, mode,
                                              float(threshold), count, fraction, backend)
     return (y, mask) if return_mask else y
+
+
+def _concrete_ints(*values: Any) -> bool:
+    """Whether every value is a plain int (not bool, not a symbolic size under tracing)."""
+    return all(type(v) is int for v in values)
 
 
 def _scale(scale: Any) -> tuple[torch.Tensor | None, float | None]:

@@ -284,7 +284,8 @@ def _rows(x: torch.Tensor, tile: Tile, geo: Geometry, cdt: torch.dtype) -> torch
     b, t = tile.lead
     heads = slice(None) if t.start is None else slice(t.start * geo.g, t.stop * geo.g)
     x = x[b, heads, tile.i0:tile.i1].to(cdt)
-    return x.reshape(x.shape[0], -1, geo.g * (tile.i1 - tile.i0), x.shape[-1])
+    # the kv-head count spelled out: -1 cannot be inferred when E = 0 (D = 0 is valid)
+    return x.reshape(x.shape[0], x.shape[1] // geo.g, geo.g * (tile.i1 - tile.i0), x.shape[-1])
 
 
 def _keys(x: torch.Tensor, tile: Tile, cdt: torch.dtype) -> torch.Tensor:
