@@ -109,9 +109,9 @@ def test_missing_arrays_are_named(call, name):
 def test_mixed_libraries_are_dshal_errors():
     torch = pytest.importorskip("torch")
     a = np.ones((2, 3), np.float32)
-    with pytest.raises(dshal.DshalTypeError, match="a is numpy, b is torch"):
+    with pytest.raises(dshal.DshalTypeError, match=r"a is numpy, b is torch"):
         dshal.ops.gemm(a, torch.ones(3, 2))
-    with pytest.raises(dshal.DshalTypeError, match="^b must be an array"):
+    with pytest.raises(dshal.DshalTypeError, match=r"^b must be an array"):
         dshal.ops.gemm(a, [[1.0]])
 
 

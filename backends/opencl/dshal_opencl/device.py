@@ -190,6 +190,7 @@ class Session:
         import pyopencl as cl
 
         size = max(int(nbytes), 1)
+        self.check_size(size, what)
         try:
             if host is not None and host.nbytes:
                 buf = cl.Buffer(self.rt.context, cl.mem_flags.READ_WRITE
@@ -202,9 +203,18 @@ class Session:
         self.in_use += size
         return buf
 
+    def check_size(self, nbytes: int, what: str) -> None:
+        """Refuse a buffer above the device's allocation limit before anything is copied."""
+        if nbytes > self.rt.max_alloc:
+            raise self.alloc_error(what, nbytes, ValueError(
+                "above the device's CL_DEVICE_MAX_MEM_ALLOC_SIZE"))
+
     def upload(self, x: Any, what: str, dtype: Any = None) -> Any:
-        """A host array as a contiguous device buffer (converted to ``dtype`` if given)."""
-        host = np.ascontiguousarray(x if dtype is None else np.asarray(x).astype(dtype))
+        """A host array as a contiguous device buffer (converted to ``dtype`` if given); the
+        size is checked first, so a huge broadcast (zero-stride) view is never copied."""
+        x = np.asarray(x)
+        self.check_size(x.size * np.dtype(x.dtype if dtype is None else dtype).itemsize, what)
+        host = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
         return self.alloc(host.nbytes, what, host)
 
     def zeros(self, nbytes: int, what: str) -> Any:

@@ -2,7 +2,8 @@
 through the on-disk :class:`~dshal_opencl.cache.ProgramCache` and an in-process table.
 
 A compile error raises :class:`~dshal_opencl.errors.OpenCLBuildError` with the compiler log;
-a cached binary the driver refuses is discarded and rebuilt from source.
+a cached binary the driver refuses, or one that lacks a kernel looked up from it, is evicted
+and rebuilt from source.
 """
 
 from __future__ import annotations
@@ -39,20 +40,42 @@ class Programs:
             if prg is None:
                 import pyopencl as cl
 
-                built = self.build(defines.kernel, source(defines.kernel), list(options))
-                prg = self._built[key] = Program(lambda name: cl.Kernel(built, name))
+                text = source(defines.kernel)
+                built, cached = self.build(defines.kernel, text, list(options))
+                state = {"program": built, "cached": cached}
+
+                def lookup(name: str) -> Any:
+                    try:
+                        return cl.Kernel(state["program"], name)
+                    except cl.Error:
+                        if not state["cached"]:
+                            raise
+                    # a cached binary without this kernel (another program's): evict, rebuild
+                    with self._lock:
+                        if state["cached"]:
+                            self.cache.discard(state["cached"])  # type: ignore[union-attr]
+                            state["program"] = self._build_source(defines.kernel, text,
+                                                                  list(options), state["cached"])
+                            state["cached"] = ""
+                    return cl.Kernel(state["program"], name)
+
+                prg = self._built[key] = Program(lookup)
             return prg
 
-    def build(self, name: str, text: str, options: list[str]) -> Any:
+    def build(self, name: str, text: str, options: list[str]) -> tuple[Any, str]:
         """Build ``text`` (kernel ``name``) with ``options``: from the cache when it holds a
-        binary, else from source (storing the binary)."""
+        binary, else from source (storing the binary). Returns the program and its cache key
+        when it came from the cache ('' when built from source)."""
         key = cache.ProgramCache.key(text, options, self.rt.identity) if self.cache else ""
         binary = self.cache.load(key) if self.cache else None
         if binary is not None:
             prg = self._from_binary(binary, options)
             if prg is not None:
-                return prg
+                return prg, key
             self.cache.discard(key)  # type: ignore[union-attr]
+        return self._build_source(name, text, options, key), ""
+
+    def _build_source(self, name: str, text: str, options: list[str], key: str) -> Any:
         prg = self._from_source(name, text, options)
         if self.cache:
             import pyopencl as cl
