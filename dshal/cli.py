@@ -166,16 +166,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for item in args.option:
         name, _, value = item.partition("=")
         kwargs[name] = _parse_value(value)
-    print(dshal.explain(args.op, *call_args, backend=args.backend,
-                        device=_parse_device(args.device), **kwargs))
-    return 0
+    explanation = dshal.explain(args.op, *call_args, backend=args.backend,
+                                device=_parse_device(args.device), **kwargs)
+    print(explanation)
+    return 0 if explanation.backend is not None else 1  # "cannot run" is a failure
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     try:
         from dshal_conformance.cli import run_certify
     except ImportError as exc:
-        print(f"the conformance suite is not installed: {exc}", file=sys.stderr)
+        if exc.name == "hypothesis":
+            print("dshal certify needs hypothesis (its property-based cases): "
+                  "pip install 'dshal[certify]'", file=sys.stderr)
+        else:
+            print(f"the conformance suite is not installed: {exc}", file=sys.stderr)
         return 2
     return run_certify(args)
 
@@ -186,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="installed backends: status, devices, ops and dtypes")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
-    ex = sub.add_parser("explain", help="which backend would run a call, and why not the others")
+    ex = sub.add_parser("explain", help="which backend would run a call, and why not the "
+                        "others (exit status 1 when the call cannot run)")
     ex.add_argument("op", choices=sorted(ARRAY_ARGS))
     ex.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...")
     ex.add_argument("--dtype", action="append", default=[], metavar="[NAME=]DTYPE")
@@ -195,12 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--backend", help="force a backend")
     ex.add_argument("--device", help="pretend the inputs are on DEVICE[:ID], e.g. cuda:0")
     ex.set_defaults(func=cmd_explain)
-    cert = sub.add_parser("certify", help="certify backends against the float64 reference")
+    about = ("certify backends against the float64 reference (needs hypothesis: pip install "
+             "'dshal[certify]')")
+    cert = sub.add_parser("certify", help=about, description=about)
     cert.add_argument("backends", nargs="*", help="backends to certify (default: all usable)")
     depth = cert.add_mutually_exclusive_group()
-    depth.add_argument("--quick", action="store_true", help="fewer cases (about 2 minutes)")
+    depth.add_argument("--quick", action="store_true",
+                       help="fewer cases and property examples (a smoke test: seconds on "
+                            "the numpy backend)")
     depth.add_argument("--full", action="store_true", help="every case (the default)")
-    cert.add_argument("--out", default="certificates", help="directory for certificates")
+    cert.add_argument("--out", default="certificates",
+                      help="directory the certificates are written to, one JSON and one "
+                           "Markdown file per backend (default: ./certificates)")
     cert.add_argument("--seed", type=int, default=0)
     cert.add_argument("--device", default=None, help="device id passed to the backend")
     cert.add_argument("--case", action="append", metavar="ID",

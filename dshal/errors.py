@@ -29,14 +29,15 @@ class PluginError(DshalError):
 class UnsupportedError(DshalError):
     """No backend (or the forced one) can take a call.
 
-    ``reasons`` maps each backend name to the human-readable reasons it refused the call.
+    ``reasons`` maps each backend name to the human-readable reasons it refused the call; an
+    empty list means that backend accepts it (a forced backend refused, another would not).
     """
 
     def __init__(self, message: str, reasons: Mapping[str, Sequence[str]] | None = None):
         self.reasons = {name: list(r) for name, r in (reasons or {}).items()}
         lines = [message]
         for name, why in self.reasons.items():
-            lines.append(f"  {name}: " + "; ".join(why) if why else f"  {name}: (no reason given)")
+            lines.append(f"  {name}: " + ("; ".join(why) if why else "accepts this call"))
         super().__init__("\n".join(lines))
 
 
