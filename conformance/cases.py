@@ -118,6 +118,11 @@ ATTENTION: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no-keys", dict(Hq=2, Hkv=1, Lq=5, Lk=0, D=8, causal=True, return_lse=True)),
     ("no-batch", dict(B=0, Hq=2, Hkv=1, Lq=5, Lk=5, D=8)),
     ("no-value-dim", dict(Hq=2, Hkv=1, Lq=5, Lk=7, D=8, Dv=0, window=2)),
+    ("no-heads", dict(Hq=0, Hkv=0, Lq=5, Lk=7, D=8, window=3, causal=True, return_lse=True)),
+    ("no-head-dim", dict(Hq=2, Hkv=1, Lq=5, Lk=7, D=0, Dv=8, causal=True, return_lse=True)),
+    # valid counts and sizes far beyond the call's extents mean "all": clipped by dshal
+    ("huge-counts", dict(Hq=2, Hkv=1, Lq=17, Lk=33, D=8, top_k=10**30, block_size=2**31,
+                         window=2**31, causal=True, return_indices=True, return_lse=True)),
     ("float64", dict(Hq=4, Hkv=2, Lq=33, Lk=65, D=16, top_k=2, block_size=16, causal=True,
                      return_indices=True, return_lse=True, dtypes=("float64",))),
     ("large", dict(Hq=8, Hkv=2, Lq=1024, Lk=1024, D=128, top_k=8, block_size=64, window=128,
@@ -253,6 +258,7 @@ QUANTIZE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("strided", dict(shape=[9, 33], group_size=8, layout="strided")),
     ("no-rows", dict(shape=[0, 17], group_size=8)),
     ("no-columns", dict(shape=[3, 0], group_size=8)),
+    ("group-beyond-extent", dict(shape=[5, 40], group_size=2**31)),  # clipped: one group
     ("large", dict(shape=[1024, 4096], group_size=128, quick="none")),
 )
 
@@ -292,6 +298,7 @@ GATED: tuple[tuple[str, dict[str, Any]], ...] = (
                              return_mask=True)),
     ("keep-fraction", dict(lead=[9], C=25, keep=0.3, mode="soft_hard", data="ties",
                            return_mask=True)),
+    ("keep-beyond-count", dict(lead=[4], C=9, keep=10**30, row_gates=True, return_mask=True)),
     ("threshold-inf", dict(lead=[4], C=9, threshold=float("-inf"), return_mask=True)),
     ("weight-bias", dict(lead=[17], C=65, Cout=33, bias=True, return_mask=True)),
     ("weight-nan-closed", dict(lead=[13], C=40, Cout=24, bias=True, data="nan-closed")),

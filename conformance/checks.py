@@ -97,7 +97,7 @@ def check_attention(call: Call, result: Any, rng: np.random.Generator,
     o = call.kwargs
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
+    g = Hq // Hkv if Hkv else 1  # no heads: nothing is grouped
     bs, window, causal = o.get("block_size", 64), o.get("window", 0), o.get("causal", False)
     scale = o.get("scale")
     scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else float(scale)
@@ -154,7 +154,7 @@ def _logit_stats(q: np.ndarray, k: np.ndarray, allowed: np.ndarray, scale: float
     over the allowed keys j (-inf where none is allowed)."""
     B, Hq, Lq, _ = q.shape
     Hkv = k.shape[1]
-    g = Hq // Hkv
+    g = Hq // Hkv if Hkv else 1
     qa, ka = finite_abs(q), finite_abs(k)
     q64, k64 = q.astype(np.float64), np.where(np.isfinite(k), k, 0).astype(np.float64)
     size, top = np.zeros((B, Hq, Lq)), np.full((B, Hq, Lq), -np.inf)
