@@ -25,19 +25,28 @@ def _yes(flag: bool, detail: str = "") -> str:
 
 def info_rows() -> list[dict[str, Any]]:
     """One record per installed backend: what ``dshal info`` shows."""
-    from dshal.registry import AVAILABLE, BROKEN, DISABLED, INCOMPATIBLE, NO_DEVICE, registry
+    from dshal.registry import (
+        AVAILABLE,
+        BROKEN,
+        CONFLICT,
+        DISABLED,
+        INCOMPATIBLE,
+        NO_DEVICE,
+        registry,
+    )
 
     rows = []
     for name, b in sorted(registry.backends().items()):
         spec, dev = b.spec, b.device
-        imported = b.status != DISABLED and not (b.status == BROKEN and b.stage == "import")
+        imported = b.status not in (DISABLED, CONFLICT) and \
+            not (b.status == BROKEN and b.stage == "import")
         rows.append({
             "name": name,
             "distribution": b.distribution,
             "entry_point": b.entry_point,
             "status": b.status,
             "installed": True,
-            "importable": imported if b.status != DISABLED else None,
+            "importable": imported if b.status not in (DISABLED, CONFLICT) else None,
             "api_compatible": (spec is not None and b.status != INCOMPATIBLE) if imported
             else None,
             "device_found": b.status == AVAILABLE if b.status in (AVAILABLE, NO_DEVICE)

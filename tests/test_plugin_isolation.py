@@ -159,6 +159,9 @@ def test_a_name_from_two_distributions_loads_from_neither(tmp_path):
         assert "vendor-a" in b.error and "vendor-b" in b.error
         assert "twin_a" not in sys.modules and "twin_b" not in sys.modules
         assert "conflict" in b.unavailable_reason()
+        row = {r["name"]: r for r in info_rows()}["twin"]
+        assert (row["status"], row["importable"], row["api_compatible"]) == ("conflict", None,
+                                                                             None)
         with pytest.raises(dshal.UnsupportedError, match="registered by 2 distributions"):
             dshal.ops.gated_channels(np.ones((1, 4), np.float32), np.ones(4, np.float32),
                                      backend="twin")
