@@ -187,3 +187,19 @@ def test_auto_candidates_are_filtered_by_the_serving_backend(tmp_path):
         assert info["precision"] == "fp8_e4m3"
         with pytest.raises(dshal.UnsupportedError, match="declares none of the candidates"):
             dshal.ops.gemm(a, b, precision="auto", candidates=["int8"], backend="bf16_only")
+
+
+def test_autograd_path_clips_too():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.tensor(x, requires_grad=True) for x in _attn(Lq=6, Lk=8))
+    out = dshal.ops.sparse_attention(q, k, v, top_k=HUGE, block_size=2**31, window=2**40,
+                                     causal=True)
+    out.sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    dshal.ops.sparse_attention(q, k, v, causal=True).sum().backward()
+    for got, x in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, x.grad)
+    with pytest.raises(ValueError, match="block_size"):
+        dshal.ops.sparse_attention(q, k, v, top_k=2, block_size=0)

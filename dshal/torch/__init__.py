@@ -42,9 +42,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      indices: torch.Tensor | None = None, return_indices: bool = False,
                      return_lse: bool = False, backend: str | None = None) -> Any:
     """:func:`dshal.ops.sparse_attention` with autograd."""
-    if _concrete_ints(q.shape[2], k.shape[2], block_size, window) and \
-            (top_k is None or _concrete_ints(top_k) or isinstance(top_k, float)):
-        # as dshal.ops clips them (dshal.clipping): the backward allocates by block_size
+    if _concrete_ints(q.shape[2], k.shape[2], block_size, window) and block_size >= 1 \
+            and window >= 0 and (top_k is None or _concrete_ints(top_k)
+                                 or isinstance(top_k, float)):
+        # valid values clipped as dshal.ops clips them (dshal.clipping): the backward
+        # allocates by block_size; invalid ones are left for validation to name
         top_k, block_size, window = clipping.attention(top_k, block_size, window,
                                                        q.shape[2], k.shape[2])
     count, fraction = _split(top_k)
