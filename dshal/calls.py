@@ -131,8 +131,10 @@ def selection_width(Lq: int, Lk: int, block_size: int, causal: bool, top_k: int 
 @dataclass(eq=False, slots=True)
 class AttentionBackwardCall:
     """The backward of ``sparse_attention`` (DESIGN 3.1b): q [B,Hq,Lq,D], k [B,Hkv,Lk,D],
-    v [B,Hkv,Lk,Dv], lse [B,Hq,Lq] float32 and grad_out [B,Hq,Lq,Dv] from the forward;
-    grad_lse [B,Hq,Lq] float32 or ``None`` (lse unused).
+    v [B,Hkv,Lk,Dv], the forward's out [B,Hq,Lq,Dv] and lse [B,Hq,Lq] float32, grad_out
+    [B,Hq,Lq,Dv]; grad_lse [B,Hq,Lq] float32 or ``None`` (lse unused). A backend may take
+    ``rowsum(grad_out * out)`` as FlashAttention-2's delta, or recompute it from the
+    probabilities (out is rounded to q's dtype).
 
     ``indices`` is the forward's selection, int64 [B,Hkv,Lq,n] already range-checked (-1 =
     ignore; duplicates count once, any order), or ``None`` when the forward selected nothing
@@ -142,6 +144,7 @@ class AttentionBackwardCall:
     q: Any
     k: Any
     v: Any
+    out: Any
     lse: Any
     grad_out: Any
     grad_lse: Any | None

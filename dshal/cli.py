@@ -16,7 +16,8 @@ ARRAY_ARGS = {
     "gemm": (("a", "b"), ("bias", "a_scale", "b_scale")),
     "quantize": (("x",), ()),
     "gated_channels": (("x", "gate_logits"), ("weight", "bias")),
-    "sparse_attention_backward": (("q", "k", "v", "lse", "grad_out"), ("grad_lse", "indices")),
+    "sparse_attention_backward": (("q", "k", "v", "out", "lse", "grad_out"),
+                                  ("grad_lse", "indices")),
 }
 #: arguments whose dtype is fixed, whatever --dtype says for the others
 FIXED_DTYPES = {"indices": "int64", "lse": "float32", "grad_lse": "float32"}

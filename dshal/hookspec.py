@@ -160,7 +160,8 @@ def dshal_sparse_attention_backward_run(call: AttentionBackwardCall) -> tuple[An
     attention). The gradients are those of softmax attention restricted to each query's allowed
     set: rows with nothing allowed get zero gradients, NaN/Inf in keys or values that are not
     allowed for a query reach none of its gradients, and the sums run in at least fp32.
-    ``call.lse`` is the forward's log-sum-exp (probabilities are ``exp(scale q.k - lse)``);
+    ``call.out`` and ``call.lse`` are the forward's output and log-sum-exp (probabilities are
+    ``exp(scale q.k - lse)``);
     ``call.grad_lse`` is the gradient of lse when the caller used it, else ``None``.
 
     :return: ``(dq, dk, dv)`` shaped and typed as q, k and v; dk and dv sum over the g query

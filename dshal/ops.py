@@ -263,7 +263,7 @@ def gated_channels(x: Any, gate_logits: Any, *, weight: Any = None, bias: Any = 
 # --- backward operators (plugin API 2) --------------------------------------------------------
 
 
-def sparse_attention_backward(q: Any, k: Any, v: Any, lse: Any, grad_out: Any, *,
+def sparse_attention_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, grad_out: Any, *,
                               grad_lse: Any = None, indices: Any = None, block_size: int = 64,
                               window: int = 0, causal: bool = False, scale: float | None = None,
                               backend: str | None = None) -> tuple[Any, Any, Any]:
@@ -272,6 +272,7 @@ def sparse_attention_backward(q: Any, k: Any, v: Any, lse: Any, grad_out: Any, *
     :param q: the forward's queries [B, Hq, Lq, D].
     :param k: its keys [B, Hkv, Lk, D].
     :param v: its values [B, Hkv, Lk, Dv].
+    :param out: its output [B, Hq, Lq, Dv].
     :param lse: its log-sum-exp [B, Hq, Lq] float32 (``return_lse=True``).
     :param grad_out: the gradient of its out [B, Hq, Lq, Dv], in q's dtype.
     :param grad_lse: the gradient of its lse [B, Hq, Lq] float32, when lse was used.
@@ -287,7 +288,7 @@ def sparse_attention_backward(q: Any, k: Any, v: Any, lse: Any, grad_out: Any, *
         gradients.
     """
     return _call("sparse_attention_backward",
-                 {"q": q, "k": k, "v": v, "lse": lse, "grad_out": grad_out,
+                 {"q": q, "k": k, "v": v, "out": out, "lse": lse, "grad_out": grad_out,
                   "grad_lse": grad_lse, "indices": indices},
                  {"block_size": block_size, "window": window, "causal": causal, "scale": scale},
                  backend)
@@ -300,10 +301,11 @@ _ARRAY_ARGS = {
     "quantize": ("x",),
     "gemm": ("a", "b", "bias", "a_scale", "b_scale"),
     "gated_channels": ("x", "gate_logits", "weight", "bias"),
-    "sparse_attention_backward": ("q", "k", "v", "lse", "grad_out", "grad_lse", "indices"),
+    "sparse_attention_backward": ("q", "k", "v", "out", "lse", "grad_out", "grad_lse",
+                                  "indices"),
 }
 _POSITIONAL = {"sparse_attention": 3, "quantize": 1, "gemm": 2, "gated_channels": 2,
-               "sparse_attention_backward": 5}
+               "sparse_attention_backward": 6}
 
 
 @dataclass(frozen=True)

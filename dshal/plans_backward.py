@@ -39,10 +39,10 @@ def plan_attention_backward(metas: dict[str, ArrayMeta], *, block_size=64, windo
     for name in ("q", "k", "v"):
         check_ndim(name, metas[name], 4)
     dtype = check_dtype("q", mq, FLOAT_DTYPES)
-    for name in ("k", "v", "grad_out"):
+    for name in ("k", "v", "out", "grad_out"):
         if metas[name].dtype != dtype:
             raise DshalTypeError(f"{name} has dtype {metas[name].dtype} but q has {dtype}: "
-                                 "q, k, v and grad_out must share one dtype")
+                                 "q, k, v, out and grad_out must share one dtype")
     B, Hq, Lq, D = mq.shape
     Hkv, Lk, Dv = mk.shape[1], mk.shape[2], mv.shape[3]
     if tuple(mk.shape) != (B, Hkv, Lk, D) or tuple(mv.shape[:3]) != (B, Hkv, Lk):
@@ -51,7 +51,8 @@ def plan_attention_backward(metas: dict[str, ArrayMeta], *, block_size=64, windo
     if Hkv == 0 or Hq % Hkv:
         raise DshalValueError(
             f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
-    _same_shape("grad_out", metas["grad_out"], (B, Hq, Lq, Dv), "the forward's out")
+    for name in ("out", "grad_out"):
+        _same_shape(name, metas[name], (B, Hq, Lq, Dv), "the forward's out")
     for name in ("lse", "grad_lse"):
         if name in metas:
             _same_shape(name, metas[name], (B, Hq, Lq), "the forward's lse")
@@ -86,7 +87,8 @@ def plan_attention_backward(metas: dict[str, ArrayMeta], *, block_size=64, windo
     def run(b: Backend, arrs: Arrays, _: str | None = None) -> list[Any]:
         get = arrs.get
         idx = get("indices")
-        call = AttentionBackwardCall(get("q"), get("k"), get("v"), get("lse"), get("grad_out"),
+        call = AttentionBackwardCall(get("q"), get("k"), get("v"), get("out"), get("lse"),
+                                     get("grad_out"),
                                      get("grad_lse"),
                                      None if idx is None else arrays.cast(idx, "int64"),
                                      block_size, window, causal, scale)

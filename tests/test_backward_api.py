@@ -94,7 +94,7 @@ def test_api_versions() -> None:
 def test_api1_plugin_loads_and_serves_no_backward(plugins) -> None:
     assert plugins["api1"].available, plugins["api1"].unavailable_reason()
     q, k, v, lse, go = _arrays()
-    ex = dshal.explain("sparse_attention_backward", q, k, v, lse, go, backend="api1")
+    ex = dshal.explain("sparse_attention_backward", q, k, v, go, lse, go, backend="api1")
     assert ex.backend is None
     assert "op=sparse_attention_backward not implemented" in " ".join(ex.reasons["api1"])
 
@@ -108,7 +108,7 @@ def test_backward_needs_api2(plugins) -> None:
 
 def test_backward_dispatches_to_the_declaring_backend(plugins) -> None:
     q, k, v, lse, go = _arrays()
-    dq, dk, dv = dshal.ops.sparse_attention_backward(q, k, v, lse, go, scale=0.25,
+    dq, dk, dv = dshal.ops.sparse_attention_backward(q, k, v, go, lse, go, scale=0.25,
                                                      backend="api2")
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert np.all(dq == 0.25)
@@ -120,14 +120,14 @@ def test_backward_dispatches_to_the_declaring_backend(plugins) -> None:
 def test_backward_validation() -> None:
     q, k, v, lse, go = _arrays()
     with pytest.raises(DshalValueError, match="grad_out must have shape"):
-        dshal.ops.sparse_attention_backward(q, k, v, lse, go[:, :, :3])
+        dshal.ops.sparse_attention_backward(q, k, v, go, lse, go[:, :, :3])
     with pytest.raises(TypeError, match="lse"):
-        dshal.ops.sparse_attention_backward(q, k, v, lse.astype(np.float64), go)
+        dshal.ops.sparse_attention_backward(q, k, v, go, lse.astype(np.float64), go)
     idx = np.full((1, 2, 8, 1), 5, np.int64)
     with pytest.raises(DshalValueError, match=r"indices must lie in \[-1, 1\]"):
-        dshal.ops.sparse_attention_backward(q, k, v, lse, go, indices=idx, block_size=4)
+        dshal.ops.sparse_attention_backward(q, k, v, go, lse, go, indices=idx, block_size=4)
     with pytest.raises(DshalValueError, match="indices must have shape"):
-        dshal.ops.sparse_attention_backward(q, k, v, lse, go, indices=idx[:, :1])
+        dshal.ops.sparse_attention_backward(q, k, v, go, lse, go, indices=idx[:, :1])
 
 
 def test_cli_shows_the_backward(plugins, capsys) -> None:
@@ -135,6 +135,7 @@ def test_cli_shows_the_backward(plugins, capsys) -> None:
     out = capsys.readouterr().out
     assert "sparse_attention backward served by" in out
     assert main(["explain", "sparse_attention_backward", "--shape", "q=1,4,8,4",
-                 "--shape", "k=1,2,8,4", "--shape", "v=1,2,8,4", "--shape", "lse=1,4,8",
+                 "--shape", "k=1,2,8,4", "--shape", "v=1,2,8,4", "--shape", "out=1,4,8,4",
+                 "--shape", "lse=1,4,8",
                  "--shape", "grad_out=1,4,8,4", "--backend", "api2"]) == 0
     assert "runs on 'api2'" in capsys.readouterr().out
