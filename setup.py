@@ -1,16 +1,29 @@
-"""Build of dshal's one compiled module; everything else is declared in pyproject.toml.
+"""Build of dshal's compiled modules; everything else is declared in pyproject.toml.
 
 ``dshal.backends.numpy._native`` holds the numpy backend's fused elementwise loops. It is
 optional: where no C compiler is available the build goes on without it and the backend runs
 the same arithmetic in numpy passes (bitwise the same results, slower; ``dshal info`` says
 which). ``-ffp-contract=off`` keeps every multiply and add rounded on its own, as numpy does;
 ``-fno-trapping-math`` lets the clipping compares vectorise (it changes no result).
+
+``dshal.backends.numpy._backward`` is the numpy backend's compiled backward of sparse_attention
+(optional too: without it the backward runs on another backend that declares it). It owes no
+bitwise agreement to a numpy pass, so it contracts multiply-adds into FMAs, and
+``-fopenmp-simd`` vectorises its dot products (OpenMP SIMD pragmas only: no runtime).
 """
 
 import sys
 
 from setuptools import Extension, setup
 
-flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
-setup(ext_modules=[Extension("dshal.backends.numpy._native", ["dshal/backends/numpy/_native.c"],
-                             extra_compile_args=flags, optional=True)])
+unix = sys.platform != "win32"
+flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"] if unix else []
+backward_flags = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd"] \
+    if unix else []
+header = ["dshal/backends/numpy/_exp2.h"]
+setup(ext_modules=[
+    Extension("dshal.backends.numpy._native", ["dshal/backends/numpy/_native.c"],
+              depends=header, extra_compile_args=flags, optional=True),
+    Extension("dshal.backends.numpy._backward", ["dshal/backends/numpy/_backward.c"],
+              depends=header, extra_compile_args=backward_flags, optional=True),
+])

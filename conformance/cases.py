@@ -339,7 +339,10 @@ def gated_cases() -> Iterator[Case]:
 
 def fixed_cases() -> list[Case]:
     """Every fixed case, cheap operators first (a failing run stops sooner)."""
-    return [*quantize_cases(), *gated_cases(), *gemm_cases(), *attention_cases()]
+    from dshal_conformance.backward import backward_cases  # built on this module's helpers
+
+    return [*quantize_cases(), *gated_cases(), *gemm_cases(), *attention_cases(),
+            *backward_cases()]
 
 
 def select(cases: Sequence[Case], mode: str) -> list[Case]:

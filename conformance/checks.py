@@ -25,7 +25,7 @@ from dshal.dtypes import (
     STORAGE_DTYPE,
     numpy_dtype,
 )
-from dshal_conformance import selection
+from dshal_conformance import backward, selection
 from dshal_conformance import tolerance as tol
 from dshal_conformance.data import Call
 from dshal_conformance.gates import Bound, Measurement, finite_abs, first_index, measure
@@ -367,4 +367,5 @@ CHECKS: dict[str, Callable[..., Verdict]] = {
     "quantize": check_quantize,
     "gemm": check_gemm,
     "gated_channels": check_gated,
+    backward.OP: backward.check,
 }

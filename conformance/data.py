@@ -18,6 +18,7 @@ import numpy as np
 
 from dshal import reference
 from dshal.dtypes import QMAX, STORAGE_DTYPE, numpy_dtype
+from dshal_conformance import backward
 
 
 @dataclass
@@ -301,5 +302,6 @@ BUILDERS: dict[str, Callable[[dict[str, Any], np.random.Generator], Call]] = {
     "quantize": quantize,
     "gemm": gemm,
     "gated_channels": gated,
+    backward.OP: backward.build,
 }
 

@@ -123,3 +123,33 @@ def selection_width(Lq: int, Lk: int, block_size: int, causal: bool, top_k: int 
     own = np.where((p >= 0) & (p < Lk), p // block_size, -1)
     n_cand = np.maximum(own, 0) if causal else np.where(own >= 0, nb - 1, nb)
     return int(np.max(resolve_count(top_k, n_cand) + (own >= 0)))
+
+
+# --- backward of sparse_attention (plugin API 2) ----------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class AttentionBackwardCall:
+    """The backward of ``sparse_attention`` (DESIGN 3.1b): q [B,Hq,Lq,D], k [B,Hkv,Lk,D],
+    v [B,Hkv,Lk,Dv], the forward's out [B,Hq,Lq,Dv] and lse [B,Hq,Lq] float32, grad_out
+    [B,Hq,Lq,Dv]; grad_lse [B,Hq,Lq] float32 or ``None`` (lse unused). A backend may take
+    ``rowsum(grad_out * out)`` as FlashAttention-2's delta, or recompute it from the
+    probabilities (out is rounded to q's dtype).
+
+    ``indices`` is the forward's selection, int64 [B,Hkv,Lq,n] already range-checked (-1 =
+    ignore; duplicates count once, any order), or ``None`` when the forward selected nothing
+    (then window or dense attention). ``scale`` is a float.
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    out: Any
+    lse: Any
+    grad_out: Any
+    grad_lse: Any | None
+    indices: Any | None
+    block_size: int
+    window: int
+    causal: bool
+    scale: float

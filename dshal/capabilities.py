@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 #: version of the plugin API this dshal provides (see :mod:`dshal.hookspec`)
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
+#: the oldest plugin API a plugin may still declare: an API-1 plugin keeps loading and simply
+#: does not serve what API 2 added
+OLDEST_PLUGIN_API = 1
 
-OPS = ("sparse_attention", "gemm", "quantize", "gated_channels")
+OPS = ("sparse_attention", "gemm", "quantize", "gated_channels", "sparse_attention_backward")
+
+#: the plugin API that introduced an operator (operators not listed: API 1); a plugin that
+#: declares one must support that API
+OP_SINCE: Mapping[str, int] = MappingProxyType({"sparse_attention_backward": 2})
 
 #: features a call may use, per operator; a backend lists the ones it supports
 FEATURES: Mapping[str, frozenset[str]] = MappingProxyType(
@@ -30,6 +37,11 @@ FEATURES: Mapping[str, frozenset[str]] = MappingProxyType(
         "quantize": frozenset({"row", "block", "tensor"}),
         "gated_channels": frozenset(
             {"hard", "soft", "soft_hard", "keep", "weight", "bias", "row_gates", "return_mask"}
+        ),
+        # the backward of sparse_attention (plugin API 2): "indices" = the forward's selection
+        # is given, "grad_lse" = the lse output was used and carries a gradient
+        "sparse_attention_backward": frozenset(
+            {"indices", "window", "causal", "gqa", "cross_length", "grad_lse"}
         ),
     }
 )

@@ -16,7 +16,11 @@ ARRAY_ARGS = {
     "gemm": (("a", "b"), ("bias", "a_scale", "b_scale")),
     "quantize": (("x",), ()),
     "gated_channels": (("x", "gate_logits"), ("weight", "bias")),
+    "sparse_attention_backward": (("q", "k", "v", "out", "lse", "grad_out"),
+                                  ("grad_lse", "indices")),
 }
+#: arguments whose dtype is fixed, whatever --dtype says for the others
+FIXED_DTYPES = {"indices": "int64", "lse": "float32", "grad_lse": "float32"}
 
 
 def _yes(flag: bool, detail: str = "") -> str:
@@ -68,6 +72,26 @@ def info_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def backward_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which available backends serve the backward of sparse_attention, per device type,
+    highest priority first (plugin API 2; API-1 plugins serve none)."""
+    from dshal.capabilities import device_type_name
+    from dshal.registry import registry
+
+    by_device: dict[str, list[tuple[int, str]]] = {}
+    for r in rows:
+        b = registry.backends().get(r["name"])
+        if b is None or not b.available or "sparse_attention_backward" not in b.spec.capabilities:
+            continue
+        for code in b.spec.device_types:
+            by_device.setdefault(device_type_name(code), []).append((-b.spec.priority, b.name))
+    if not by_device:
+        return ["sparse_attention backward: no available backend serves it"]
+    return ["sparse_attention backward served by (first = automatic choice):"] + [
+        f"  {device}: {', '.join(n for _, n in sorted(names))}"
+        for device, names in sorted(by_device.items())]
+
+
 def console():
     """A rich console; wide when the output is not a terminal (logs, pipes, CI)."""
     from rich.console import Console
@@ -108,6 +132,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                          ", ".join(r["features"].get(op, [])) or "-")
     if caps.row_count:
         out.print(caps)
+    for line in backward_lines(rows):
+        out.print(line, highlight=False, markup=False)
     for r in rows:  # what each probe found (an OpenCL backend lists every platform/device)
         if r["details"]:
             out.print(f"[bold]{r['name']}[/] device details:", highlight=False)
@@ -167,7 +193,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          f"(e.g. --shape {missing[0]}=1,8,128,64)")
 
     def array(name: str) -> Any:
-        default = "int64" if name == "indices" else dtypes["*"]
+        default = FIXED_DTYPES.get(name, dtypes["*"])
         return np.broadcast_to(np.zeros((), numpy_dtype(dtypes.get(name, default))), shapes[name])
 
     call_args = [array(n) for n in positional]

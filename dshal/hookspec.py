@@ -14,6 +14,10 @@ subset of a hook's arguments, so the spec can grow without breaking plugins).
 Required: :func:`dshal_backend_declare`, :func:`dshal_device_probe`, and one ``*_run`` hook per
 operator the backend declares. Optional: :func:`dshal_call_check`.
 
+Plugin API 2 added the backward of ``sparse_attention`` as an operator of its own
+(:func:`dshal_sparse_attention_backward_run`, capability ``"sparse_attention_backward"``). A
+plugin declaring ``plugin_api=(1, 1)`` keeps loading and simply does not serve it.
+
 Array conventions: a run hook receives a validated call record from :mod:`dshal.calls` with
 arrays of the backend's declared ``array_kind`` on its device, and returns arrays of that kind;
 dshal converts them back to the caller's library and device.
@@ -26,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
+    from dshal.calls import (
+        AttentionBackwardCall,
+        AttentionCall,
+        GatedCall,
+        GemmCall,
+        QuantizeCall,
+    )
     from dshal.capabilities import BackendSpec, DeviceInfo, Signature
 
 PROJECT = "dshal"
@@ -136,12 +146,38 @@ def dshal_gated_channels_run(call: GatedCall) -> tuple[Any, Any | None]:
     """
 
 
+# ---------------------------------------------------------------------------------------------
+# Backward operators (plugin API 2)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def dshal_sparse_attention_backward_run(call: AttentionBackwardCall) -> tuple[Any, Any, Any]:
+    """Compute the gradients of ``sparse_attention`` as DESIGN.md 3.1b states.
+
+    The selection is a constant: ``call.indices`` is the forward's selection (the blocks it
+    returned, or the caller's indices), or ``None`` when the forward had none (window or dense
+    attention). The gradients are those of softmax attention restricted to each query's allowed
+    set: rows with nothing allowed get zero gradients, NaN/Inf in keys or values that are not
+    allowed for a query reach none of its gradients, and the sums run in at least fp32.
+    ``call.out`` and ``call.lse`` are the forward's output and log-sum-exp (probabilities are
+    ``exp(scale q.k - lse)``);
+    ``call.grad_lse`` is the gradient of lse when the caller used it, else ``None``.
+
+    :return: ``(dq, dk, dv)`` shaped and typed as q, k and v; dk and dv sum over the g query
+        heads of each kv head.
+
+    .. versionadded:: plugin API 2
+    """
+
+
 #: the run hook of each operator
 RUN_HOOKS = {
     "sparse_attention": "dshal_sparse_attention_run",
     "quantize": "dshal_quantize_run",
     "gemm": "dshal_gemm_run",
     "gated_channels": "dshal_gated_channels_run",
+    "sparse_attention_backward": "dshal_sparse_attention_backward_run",
 }
 
 #: what each run hook returns: the names of its tuple's items (``None``: a single array)

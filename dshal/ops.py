@@ -22,7 +22,7 @@ from dshal.registry import Backend, registry
 from dshal.validate import check_bool, check_choice
 
 __all__ = ["backends", "explain", "gated_channels", "gemm", "quantize", "signature",
-           "sparse_attention"]
+           "sparse_attention", "sparse_attention_backward"]
 
 _PLANS: dict[tuple, Plan] = {}
 _MAX_PLANS = 4096
@@ -280,6 +280,40 @@ def gated_channels(x: Any, gate_logits: Any, *, weight: Any = None, bias: Any = 
                   "return_mask": return_mask}, backend)
 
 
+# --- backward operators (plugin API 2) --------------------------------------------------------
+
+
+def sparse_attention_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, grad_out: Any, *,
+                              grad_lse: Any = None, indices: Any = None, block_size: int = 64,
+                              window: int = 0, causal: bool = False, scale: float | None = None,
+                              backend: str | None = None) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`sparse_attention` with its selection held constant (DESIGN 3.1b).
+
+    :param q: the forward's queries [B, Hq, Lq, D].
+    :param k: its keys [B, Hkv, Lk, D].
+    :param v: its values [B, Hkv, Lk, Dv].
+    :param out: its output [B, Hq, Lq, Dv].
+    :param lse: its log-sum-exp [B, Hq, Lq] float32 (``return_lse=True``).
+    :param grad_out: the gradient of its out [B, Hq, Lq, Dv], in q's dtype.
+    :param grad_lse: the gradient of its lse [B, Hq, Lq] float32, when lse was used.
+    :param indices: its selection [B, Hkv, Lq, n] (the indices it returned, or the ones it was
+        given), -1 = unused; ``None`` when it selected nothing (window or dense attention).
+    :param block_size: as the forward's.
+    :param window: as the forward's.
+    :param causal: as the forward's.
+    :param scale: as the forward's (default 1/sqrt(D)).
+    :param backend: force a backend by name.
+    :return: ``(dq, dk, dv)`` in the dtypes and shapes of q, k, v. Rows with nothing allowed
+        get zero gradients; NaN/Inf in keys or values a query is not allowed reach none of its
+        gradients.
+    """
+    return _call("sparse_attention_backward",
+                 {"q": q, "k": k, "v": v, "out": out, "lse": lse, "grad_out": grad_out,
+                  "grad_lse": grad_lse, "indices": indices},
+                 {"block_size": block_size, "window": window, "causal": causal, "scale": scale},
+                 backend)
+
+
 # --- introspection ----------------------------------------------------------------------------
 
 _ARRAY_ARGS = {
@@ -287,8 +321,11 @@ _ARRAY_ARGS = {
     "quantize": ("x",),
     "gemm": ("a", "b", "bias", "a_scale", "b_scale"),
     "gated_channels": ("x", "gate_logits", "weight", "bias"),
+    "sparse_attention_backward": ("q", "k", "v", "out", "lse", "grad_out", "grad_lse",
+                                  "indices"),
 }
-_POSITIONAL = {"sparse_attention": 3, "quantize": 1, "gemm": 2, "gated_channels": 2}
+_POSITIONAL = {"sparse_attention": 3, "quantize": 1, "gemm": 2, "gated_channels": 2,
+               "sparse_attention_backward": 6}
 #: the array arguments a call cannot do without
 _REQUIRED = {op: names[:_POSITIONAL[op]] for op, names in _ARRAY_ARGS.items()}
 
@@ -301,6 +338,8 @@ class Explanation:
     source: str
     reasons: dict[str, list[str]]
     text: str
+    #: for sparse_attention: the backend that would run its backward (None: none would)
+    backward: str | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -316,8 +355,16 @@ def explain(op: str, *args: Any, backend: str | None = None,
     sig = signature(op, *args, **kwargs)
     sig = sig if device is None else replace(sig, device=device)
     decision = dispatch.decide(sig, backend)
+    text, backward = decision.explain(sig), None
+    if op == "sparse_attention":  # training also runs the backward: say where
+        from dshal.plans_backward import backward_signature
+
+        bsig = backward_signature(sig)
+        bdecision = dispatch.decide(bsig, backend)
+        backward = bdecision.backend
+        text += "\nbackward (training): " + bdecision.explain(bsig)
     return Explanation(decision.backend, decision.source,
-                       {n: list(r) for n, r in decision.reasons}, decision.explain(sig))
+                       {n: list(r) for n, r in decision.reasons}, text, backward)
 
 
 def signature(op: str, *args: Any, **kwargs: Any) -> Signature:

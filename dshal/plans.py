@@ -103,7 +103,8 @@ def _expect(b: Backend, what: str, value: Any, shape: tuple[int, ...] | None, dt
 #: the arguments whose dtypes a capability table speaks for (indices, scales and biases are
 #: converted by dshal or the backend and are not part of a declaration)
 DATA_ARGS = {"sparse_attention": ("q", "k", "v"), "quantize": ("x",), "gemm": ("a", "b"),
-             "gated_channels": ("x", "gate_logits")}
+             "gated_channels": ("x", "gate_logits"),
+             "sparse_attention_backward": ("q", "k", "v")}
 
 
 def _sig(op: str, metas: dict[str, ArrayMeta], features: frozenset[str],
@@ -450,3 +451,9 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
     "gemm": plan_gemm,
     "gated_channels": plan_gated,
 }
+
+# the backward of sparse_attention (plugin API 2) lives in a module of its own, built on the
+# helpers above
+from dshal.plans_backward import plan_attention_backward  # noqa: E402
+
+PLANNERS["sparse_attention_backward"] = plan_attention_backward

@@ -23,6 +23,8 @@ import pluggy
 from dshal import hookspec, isolation, plugin_names
 from dshal.capabilities import (
     FEATURES,
+    OLDEST_PLUGIN_API,
+    OP_SINCE,
     OPS,
     PLUGIN_API_VERSION,
     BackendSpec,
@@ -151,19 +153,26 @@ def _check_spec(name: str, spec: Any) -> str:
         unknown = cap.features - FEATURES[op]
         if unknown:
             return f"{op}: unknown features {sorted(unknown)} (known: {sorted(FEATURES[op])})"
+        since = OP_SINCE.get(op, 1)
+        if spec.plugin_api[1] < since:
+            return (f"declares {op}, which plugin API {since} introduced, but supports plugin "
+                    f"API {spec.plugin_api[0]}..{spec.plugin_api[1]} only")
     return ""
 
 
 def _handshake(spec: BackendSpec) -> str:
+    """'' when this dshal can load a plugin supporting ``spec.plugin_api``: dshal provides API
+    :data:`PLUGIN_API_VERSION` and still loads plugins written for every API back to
+    :data:`OLDEST_PLUGIN_API` (they do not serve what later APIs added)."""
     low, high = spec.plugin_api
-    if low <= PLUGIN_API_VERSION <= high:
+    if low <= PLUGIN_API_VERSION and high >= OLDEST_PLUGIN_API:
         return ""
     if low > PLUGIN_API_VERSION:
         return (f"needs dshal plugin API {low}..{high} but this dshal provides "
-                f"{PLUGIN_API_VERSION}: upgrade dshal (pip install -U dshal)")
+                f"{OLDEST_PLUGIN_API}..{PLUGIN_API_VERSION}: upgrade dshal (pip install -U dshal)")
     return (f"supports dshal plugin API {low}..{high} but this dshal provides "
-            f"{PLUGIN_API_VERSION}: upgrade the plugin (pip install -U <its distribution>) "
-            f"or install an older dshal")
+            f"{OLDEST_PLUGIN_API}..{PLUGIN_API_VERSION}: upgrade the plugin (pip install -U "
+            f"<its distribution>) or install an older dshal")
 
 
 def _missing_run_hooks(pm: pluggy.PluginManager, spec: BackendSpec) -> list[str]:

@@ -22,7 +22,8 @@ NOT_MEASURED = {"class": "not measured", "per_op": {}, "mismatches": [], "proble
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Backend]]:
-    entry_points = {name: f"tests.broken_backends.{module}:plugin"
+    entry_points = {name: f"tests.broken_backends.{module}"
+                          + ("" if ":" in module else ":plugin")
                     for name, (module, _) in BROKEN.items()}
     with installed(tmp_path_factory.mktemp("broken"), {}, entry_points,
                    dist="dshal-broken-test"):

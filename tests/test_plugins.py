@@ -39,7 +39,7 @@ PLUGINS = {
     "p_future_api": HEADER + """
 @hookimpl
 def dshal_backend_declare():
-    return spec("future_api", api=(2, 3))
+    return spec("future_api", api=(3, 4))
 
 @hookimpl
 def dshal_device_probe():

@@ -374,7 +374,7 @@ def test_dispatch_results_on_the_callers_library_device_and_dtype():
 
 def test_ascend_runs_the_torch_hooks_on_the_npu_declaration(monkeypatch):
     for hook in ("dshal_quantize_run", "dshal_gemm_run", "dshal_gated_channels_run",
-                 "dshal_sparse_attention_run"):
+                 "dshal_sparse_attention_run", "dshal_sparse_attention_backward_run"):
         assert getattr(ascend_plugin, hook) is getattr(plugin, hook)  # no copied logic
     monkeypatch.delenv(ascend_device.ENV, raising=False)
     spec = ascend_plugin.dshal_backend_declare()

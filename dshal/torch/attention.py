@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dshal.calls import AttentionCall, resolve_count
+from dshal.calls import AttentionBackwardCall, AttentionCall, resolve_count
 
 #: score elements (rows x keys) one tile may hold
 _TILE_ELEMS = 1 << 22
@@ -460,3 +460,12 @@ def sparse_attention(call: AttentionCall) -> tuple[Any, Any, Any]:
         assert sel is not None  # validation requires top_k or indices for return_indices
         indices = mask_to_indices(sel)
     return out, indices, lse if call.return_lse else None
+
+
+def backward_call(call: AttentionBackwardCall) -> tuple[Any, Any, Any]:
+    """Run the backward of ``sparse_attention`` (DESIGN 3.1b) on torch tensors: the torch
+    backend's ``dshal_sparse_attention_backward_run``. ``(dq, dk, dv)`` in q's dtype."""
+    geo = Geometry.of(call.q, call.k, call.v, block_size=call.block_size, window=call.window,
+                      causal=call.causal, scale=call.scale)
+    sel = None if call.indices is None else indices_mask(call.indices, geo)
+    return backward(call.grad_out, call.grad_lse, call.q, call.k, call.v, call.lse, geo, sel)

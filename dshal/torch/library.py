@@ -119,19 +119,20 @@ def _(q, k, v, indices, top_k_count, top_k_fraction, block_size, window, causal,
 
 
 def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, indices, top_k_count, top_k_fraction, block_size, window, causal, scale = inputs[:10]
+    q, k, v, indices, top_k_count, top_k_fraction, block_size, window, causal, scale, \
+        backend = inputs
     ctx.selecting = _count(top_k_count, top_k_fraction) is not None or indices is not None
-    ctx.options = (block_size, window, causal, scale)
+    ctx.options = (block_size, window, causal, scale, backend)
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, output[1], output[2])
+    ctx.save_for_backward(q, k, v, *output)
 
 
 def _attention_backward(ctx, grad_out, grad_indices, grad_lse):
-    q, k, v, sel, lse = ctx.saved_tensors
-    block_size, window, causal, scale = ctx.options
+    q, k, v, out, sel, lse = ctx.saved_tensors
+    block_size, window, causal, scale, backend = ctx.options
     dq, dk, dv = torch.ops.dshal._sparse_attention_backward(
-        grad_out, grad_lse, q, k, v, lse, sel if ctx.selecting else None, block_size, window,
-        causal, scale)
+        grad_out, grad_lse, q, k, v, out, lse, sel if ctx.selecting else None, block_size,
+        window, causal, scale, backend)
     return dq, dk, dv, *([None] * 8)
 
 
@@ -141,22 +142,59 @@ torch.library.register_autograd(f"{_LIB}::sparse_attention", _attention_backward
 
 @torch.library.custom_op(f"{_LIB}::_sparse_attention_backward", mutates_args=())
 def _sparse_attention_backward(grad_out: Tensor | None, grad_lse: Tensor | None, q: Tensor,
-                               k: Tensor, v: Tensor, lse: Tensor, indices: Tensor | None,
+                               k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                               indices: Tensor | None,
                                block_size: int, window: int, causal: bool,
-                               scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of ``sparse_attention`` with its selection ``indices`` held constant."""
+                               scale: float | None, backend: str | None
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of ``sparse_attention`` with its selection ``indices`` held constant, run by
+    the backend dispatch picks for the backward (:func:`backward_backend`); the torch
+    primitives of :mod:`dshal.torch.attention` where none serves it."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    geo = attention.Geometry.of(q, k, v, block_size=block_size, window=window, causal=causal,
-                                scale=scale)
-    sel = None if indices is None else attention.indices_mask(indices, geo)
-    with ieee_fp32():
-        grads_ = attention.backward(grad_out, grad_lse, q, k, v, lse, geo, sel)
-    return tuple(grads.like(x, d) for x, d in zip((q, k, v), grads_))
+    if grad_out is None:  # only lse was used
+        grad_out = q.new_zeros(*q.shape[:3], v.shape[3])
+    options = dict(block_size=block_size, window=window, causal=causal, scale=scale)
+    chosen = backward_backend(q, k, v, out, lse, grad_out, grad_lse, indices, options, backend)
+    if chosen is None:
+        geo = attention.Geometry.of(q, k, v, **options)
+        sel = None if indices is None else attention.indices_mask(indices, geo)
+        with ieee_fp32():
+            grads_ = attention.backward(grad_out, grad_lse, q, k, v, lse, geo, sel)
+    else:
+        with torch.no_grad():
+            grads_ = ops.sparse_attention_backward(q, k, v, out, lse, grad_out,
+                                                   grad_lse=grad_lse, indices=indices,
+                                                   backend=chosen, **options)
+    return tuple(d if d.stride() == x.stride() else grads.like(x, d)
+                 for x, d in zip((q, k, v), grads_))
+
+
+def backward_backend(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     grad_out: Tensor, grad_lse: Tensor | None, indices: Tensor | None,
+                     options: dict, forced: str | None) -> str | None:
+    """The backend that runs the backward: the forward's forced backend when it serves the
+    backward, else dispatch's automatic choice on the tensors' device; ``None`` (the torch
+    primitives run) when no backend there serves it, instead of a copy to the host."""
+    from dshal import dispatch
+    from dshal.registry import registry
+
+    if forced is not None:
+        found = registry.backends().get(forced)
+        if found is None or found.spec is None or \
+                "sparse_attention_backward" not in found.spec.capabilities:
+            forced = None  # an API-1 backend ran the forward: pick the backward's own
+    sig = ops.signature("sparse_attention_backward", q, k, v, out, lse, grad_out,
+                        grad_lse=grad_lse, indices=indices, **options)
+    decision = dispatch.decide(sig, forced)
+    if decision.backend is None and forced is not None:
+        decision = dispatch.decide(sig)
+    return None if decision.backend is None or decision.fallback else decision.backend
 
 
 @_sparse_attention_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, lse, indices, block_size, window, causal, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, indices, block_size, window, causal, scale,
+      backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

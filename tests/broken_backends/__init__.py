@@ -5,7 +5,8 @@ Each module exposes ``plugin``, registered through the ``dshal.backends`` entry-
 operator and the case that caught the bug.
 """
 
-#: backend name -> (module, the operator whose certification must fail)
+#: backend name -> (module, or module:attribute of the plugin object when a module holds
+#: several; the operator whose certification must fail)
 BROKEN = {
     "bb_window_off_by_one": ("window_off_by_one", "sparse_attention"),
     "bb_causal_top_left": ("causal_top_left", "sparse_attention"),
@@ -19,4 +20,10 @@ BROKEN = {
     "bb_fp8_no_saturation": ("fp8_no_saturation", "quantize"),
     "bb_closed_channels_computed": ("closed_channels_computed", "gated_channels"),
     "bb_soft_threshold": ("soft_threshold", "gated_channels"),
+    # the backward of sparse_attention (plugin API 2)
+    "bb_dk_no_scale": ("backward_bugs:dk_no_scale", "sparse_attention_backward"),
+    "bb_grad_leak": ("backward_bugs:grad_leak", "sparse_attention_backward"),
+    "bb_nan_reaches_dq": ("backward_bugs:nan_reaches_dq", "sparse_attention_backward"),
+    "bb_dv_per_query_head": ("backward_bugs:dv_per_query_head", "sparse_attention_backward"),
+    "bb_lse_grad_ignored": ("backward_bugs:lse_grad_ignored", "sparse_attention_backward"),
 }

@@ -30,6 +30,10 @@ class Wrapped:
         return honest.dshal_sparse_attention_run(call)
 
     @hookimpl
+    def dshal_sparse_attention_backward_run(self, call: Any) -> Any:
+        return honest.dshal_sparse_attention_backward_run(call)
+
+    @hookimpl
     def dshal_quantize_run(self, call: Any) -> Any:
         return honest.dshal_quantize_run(call)
 

@@ -26,11 +26,13 @@ from dshal_torch.plugin import (
     dshal_gated_channels_run,
     dshal_gemm_run,
     dshal_quantize_run,
+    dshal_sparse_attention_backward_run,
     dshal_sparse_attention_run,
 )
 
 __all__ = ["dshal_backend_declare", "dshal_device_probe", "dshal_gated_channels_run",
-           "dshal_gemm_run", "dshal_quantize_run", "dshal_sparse_attention_run"]
+           "dshal_gemm_run", "dshal_quantize_run", "dshal_sparse_attention_backward_run",
+           "dshal_sparse_attention_run"]
 
 NAME = "ascend"
 NPU = TORCH_DEVICE_TYPES["npu"]
@@ -47,7 +49,7 @@ def dshal_backend_declare() -> BackendSpec:
     return BackendSpec(
         name=NAME,
         version=__version__,
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=frozenset({CPU if cpu else NPU}),
         array_kind="torch",
         priority=PRIORITY["cpu" if cpu else "npu"],

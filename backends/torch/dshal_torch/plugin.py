@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from dshal.arrays import TORCH_DEVICE_TYPES
-from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
+from dshal.calls import AttentionBackwardCall, AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import FEATURES, BackendSpec, DeviceInfo, OpCapability, Signature
 from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANTIZED_PRECISIONS, STORAGE_DTYPE
 from dshal.hookspec import hookimpl
@@ -32,7 +32,8 @@ def capabilities(floats: Iterable[str] = FLOAT_DTYPES,
     """Every operator and feature on ``floats`` (float16 to float64 by default) and, for gemm
     and quantize, ``precisions`` (gemm also takes their fp8/int8 storage dtypes). ``auto``
     walks fp32 alone: every precision here runs as an fp32 matmul (after rounding or
-    dequantising), so a lower one is never faster."""
+    dequantising), so a lower one is never faster. With the backward of sparse_attention
+    (plugin API 2)."""
     floats, precisions = frozenset(floats), frozenset(precisions)
     storage = frozenset(STORAGE_DTYPE[p] for p in precisions if p in QUANTIZED_PRECISIONS)
 
@@ -44,6 +45,7 @@ def capabilities(floats: Iterable[str] = FLOAT_DTYPES,
         "gemm": cap("gemm", floats | storage, precisions=precisions, auto_order=("fp32",)),
         "quantize": cap("quantize", precisions=precisions),
         "gated_channels": cap("gated_channels"),
+        "sparse_attention_backward": cap("sparse_attention_backward"),
     }
 
 
@@ -53,7 +55,7 @@ def dshal_backend_declare() -> BackendSpec:
     return BackendSpec(
         name=NAME,
         version=__version__,
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=DEVICE_TYPES,
         array_kind="torch",
         priority=PRIORITY,
@@ -83,6 +85,17 @@ def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
 
     with ieee_fp32():
         return sparse_attention(call)
+
+
+@hookimpl
+def dshal_sparse_attention_backward_run(call: AttentionBackwardCall) -> tuple[Any, Any, Any]:
+    """The torch-primitive backward (:func:`dshal.torch.attention.backward_call`): the
+    portable one, on any torch device; float32 products in IEEE fp32."""
+    from dshal.torch.attention import backward_call
+    from dshal_torch.numerics import ieee_fp32
+
+    with ieee_fp32():
+        return backward_call(call)
 
 
 @hookimpl

@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_exp2.h"
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -668,30 +670,9 @@ done:
 
 /* ---- attention: 2**x ----------------------------------------------------------------- */
 
-/* 2**x for float32 within 2 ulp (numpy's float32 exp2 is scalar libm on CPUs without AVX-512:
- * ~5 ns per element, most of dense attention's time there): x = n + f with n = rint(x) and
- * |f| <= 1/2, 2**f by its degree-7 Taylor polynomial in f ln 2 (truncation below 1e-8
- * relative), 2**n added to the exponent. Results below 2**-125 flush to +0 (the attention
- * sums they enter hold a term >= 1), x >= 128 gives +inf, -inf gives 0, NaN stays NaN. */
-static const float EXP2_C[] = {1.0f, 0.693147180559945f, 0.240226506959101f,
-                               0.0555041086648216f, 0.00961812910762848f,
-                               0.00133335581464284f, 0.000154035303933816f,
-                               1.52527338040598e-05f};
-
+/* 2**x for float32 within 2 ulp: exp2_poly of _exp2.h (shared with _backward.c). */
 CLONES static void exp2_row(const float *restrict x, float *restrict out, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const float v = x[i];
-        float c = v < -125.0f ? -125.0f : v;
-        c = c > 127.99999f ? 127.99999f : c; /* rint 128 only with f < 0: still finite */
-        const float r = (c + 12582912.0f) - 12582912.0f; /* rint: |c| < 2**22 */
-        const float f = c - r;
-        float p = EXP2_C[7];
-        for (int k = 6; k >= 0; k--) p = p * f + EXP2_C[k];
-        float y = u2f(f2u(p) + ((uint32_t)(int32_t)r << 23));
-        y = v < -125.0f ? 0.0f : y;
-        y = v >= 128.0f ? INFINITY : y;
-        out[i] = v != v ? v : y;
-    }
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = exp2_poly(x[i]);
 }
 
 PyDoc_STRVAR(exp2_doc,

@@ -46,3 +46,21 @@ def _int8_kernel() -> tuple[bool, str]:
 #: AVX2) instead of float32 BLAS (bitwise the same results); ``DSHAL_NUMPY_INT8_KERNEL=0``
 #: keeps BLAS. :data:`INT8_STATUS` says which (``dshal info`` prints it)
 INT8_KERNEL, INT8_STATUS = _int8_kernel()
+
+
+# --- the compiled backward of sparse_attention (_backward.c) ----------------------------------
+
+
+def _load_backward() -> tuple[ModuleType | None, str]:
+    if os.environ.get("DSHAL_NUMPY_NATIVE", "1").strip() == "0":
+        return None, "not served (compiled loops switched off: DSHAL_NUMPY_NATIVE=0)"
+    try:
+        from dshal.backends.numpy import _backward
+    except ImportError as exc:
+        return None, f"not served (compiled backward not built: {exc})"
+    return _backward, "compiled kernel (dshal.backends.numpy._backward)"
+
+
+#: the compiled backward of sparse_attention, or None: the numpy backend then does not declare
+#: the backward (another backend that declares it serves it); :data:`BACKWARD_STATUS` says which
+BACKWARD, BACKWARD_STATUS = _load_backward()

@@ -10,8 +10,8 @@ import os
 import platform
 from typing import Any
 
-from dshal.backends.numpy import attention, gating, gemm
-from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
+from dshal.backends.numpy import attention, backward, gating, gemm, native
+from dshal.calls import AttentionBackwardCall, AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability
 from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANT_DTYPES
 from dshal.hookspec import hookimpl
@@ -30,27 +30,33 @@ def _version() -> str:
 
 @hookimpl
 def dshal_backend_declare() -> BackendSpec:
-    """Every operator, every feature, float16..float64 (plus fp8/int8 gemm inputs)."""
+    """Every operator, every feature, float16..float64 (plus fp8/int8 gemm inputs); the
+    backward of sparse_attention (plugin API 2) on float16..float32 where its compiled kernel
+    is built."""
     floats = frozenset(FLOAT_DTYPES)
 
     def cap(op: str, dtypes=floats, precisions=(), auto_order=()) -> OpCapability:
         return OpCapability(dtypes=dtypes, features=FEATURES[op], precisions=precisions,
                             auto_order=auto_order, deterministic=True)
 
+    capabilities = {
+        "sparse_attention": cap("sparse_attention"),
+        # fp32 alone for auto: emulated low precision is not faster on a CPU
+        "gemm": cap("gemm", floats | frozenset(QUANT_DTYPES), PRECISIONS, ("fp32",)),
+        "quantize": cap("quantize", precisions=PRECISIONS),
+        "gated_channels": cap("gated_channels"),
+    }
+    if native.BACKWARD is not None:  # float32 kernel: float64 is left to a float64 backend
+        capabilities["sparse_attention_backward"] = cap("sparse_attention_backward",
+                                                        floats - {"float64"})
     return BackendSpec(
         name=NAME,
         version=_version(),
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=frozenset({CPU}),
         array_kind="numpy",
         priority=0,
-        capabilities={
-            "sparse_attention": cap("sparse_attention"),
-            # fp32 alone for auto: emulated low precision is not faster on a CPU
-            "gemm": cap("gemm", floats | frozenset(QUANT_DTYPES), PRECISIONS, ("fp32",)),
-            "quantize": cap("quantize", precisions=PRECISIONS),
-            "gated_channels": cap("gated_channels"),
-        },
+        capabilities=capabilities,
         description="built-in CPU backend on numpy and its BLAS",
     )
 
@@ -90,17 +96,21 @@ def dshal_device_probe() -> DeviceInfo:
         threads = "one per CPU or DSHAL_NUM_THREADS (BLAS held to one thread meanwhile)"
     except ImportError:
         threads = "one (install threadpoolctl to use every CPU)"
-    from dshal.backends.numpy import native
-
     return DeviceInfo(present=True, name=name, driver=f"numpy {np.__version__}, BLAS: {_blas()}",
                       details={"processor": _cpu_model(), "attention threads": threads,
                                "quantize and rounding": native.STATUS,
-                               "int8 gemm products": native.INT8_STATUS})
+                               "int8 gemm products": native.INT8_STATUS,
+                               "attention backward": native.BACKWARD_STATUS})
 
 
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
     return attention.sparse_attention(call)
+
+
+@hookimpl
+def dshal_sparse_attention_backward_run(call: AttentionBackwardCall) -> tuple[Any, Any, Any]:
+    return backward.sparse_attention_backward(call)
 
 
 @hookimpl

@@ -1,0 +1,165 @@
+"""The numpy backend's compiled backward of sparse_attention against the float64 reference
+gradients (DESIGN 3.1b): selections, windows, dense, GQA, Lq != Lk, the lse gradient, NaN/Inf
+outside the allowed set, rows with nothing allowed, threads and the kernel's argument checks."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dshal
+from dshal import ops, reference_backward
+from dshal.backends.numpy import native
+
+pytestmark = pytest.mark.skipif(native.BACKWARD is None, reason=native.BACKWARD_STATUS)
+
+
+def _inputs(rng, B, Hq, Hkv, Lq, Lk, D, dtype=np.float32, **opts):
+    q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    res = ops.sparse_attention(q, k, v, return_indices=opts.get("top_k") is not None,
+                               return_lse=True, backend="numpy", **opts)
+    out, lse = res[0], res[-1]
+    idx = res[1] if opts.get("top_k") is not None else opts.get("indices")
+    go = rng.standard_normal(out.shape).astype(dtype)
+    return q, k, v, out, lse, go, idx
+
+
+CASES = [
+    dict(B=1, Hq=4, Hkv=2, Lq=100, Lk=130, D=16, top_k=2, block_size=16, window=8, causal=True),
+    dict(B=2, Hq=8, Hkv=1, Lq=64, Lk=64, D=32, top_k=3, block_size=8),
+    dict(B=1, Hq=2, Hkv=2, Lq=130, Lk=100, D=16, causal=True),  # dense, more queries
+    dict(B=1, Hq=3, Hkv=1, Lq=50, Lk=100, D=8, window=5),  # window, not causal
+    dict(B=1, Hq=4, Hkv=4, Lq=1, Lk=257, D=16, top_k=2, block_size=32, causal=True),  # decode
+    dict(B=1, Hq=2, Hkv=1, Lq=33, Lk=47, D=8, top_k=5, block_size=1, causal=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_matches_the_float64_reference(case, with_lse) -> None:
+    rng = np.random.default_rng(len(str(case)))
+    shape = {n: case[n] for n in ("B", "Hq", "Hkv", "Lq", "Lk", "D")}
+    opts = {n: x for n, x in case.items() if n not in shape}
+    q, k, v, out, lse, go, idx = _inputs(rng, **shape, **opts)
+    gl = rng.standard_normal(lse.shape).astype(np.float32) if with_lse else None
+    kw = {n: opts[n] for n in ("block_size", "window", "causal") if n in opts}
+    got = ops.sparse_attention_backward(q, k, v, out, lse, go, grad_lse=gl, indices=idx,
+                                        backend="numpy", **kw)
+    ref = reference_backward.sparse_attention_backward(q, k, v, go, grad_lse=gl, indices=idx,
+                                                       **kw)
+    for name, x, want in zip("qkv", got, (ref.dq, ref.dk, ref.dv)):
+        assert x.dtype == np.float32
+        err = np.abs(x - want).max(initial=0)
+        assert err <= 2e-5 * max(1.0, np.abs(want).max(initial=0)), (name, err)
+
+
+def test_caller_indices_duplicates_and_unused() -> None:
+    rng = np.random.default_rng(1)
+    idx = np.array([[[[3, 3, -1, 0], [-1, -1, -1, -1], [2, 1, 1, -1], [0, 3, 2, 1]]]])
+    idx = np.repeat(idx, 5, axis=2)[:, :, :17]
+    q, k, v, out, lse, go, _ = _inputs(rng, 1, 2, 1, 17, 31, 8, indices=idx, block_size=8,
+                                       window=2)
+    got = ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx, block_size=8,
+                                        window=2, backend="numpy")
+    ref = reference_backward.sparse_attention_backward(q, k, v, go, indices=idx, block_size=8,
+                                                       window=2)
+    for x, want in zip(got, (ref.dq, ref.dk, ref.dv)):
+        np.testing.assert_allclose(x, want, atol=2e-5)
+
+
+def test_nan_outside_the_allowed_set_and_empty_rows() -> None:
+    rng = np.random.default_rng(2)
+    q, k, v, out, lse, go, idx = _inputs(rng, 1, 4, 2, 24, 96, 8, top_k=1, block_size=16,
+                                         causal=True)
+    allowed = reference_backward.reference.allowed_mask(24, 96, B=1, Hkv=2, block_size=16,
+                                                        window=0, causal=True, indices=idx)
+    never = ~allowed.any(axis=2)
+    k[never] = np.inf
+    v[never] = np.nan
+    got = ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx, block_size=16,
+                                        causal=True, backend="numpy")
+    assert all(np.isfinite(x[~never] if x.shape == k.shape else x).all() for x in got)
+    assert (got[1][never] == 0).all() and (got[2][never] == 0).all()
+    # queries before every key (Lq > Lk, causal): nothing allowed, zero gradients
+    q, k, v, out, lse, go, _ = _inputs(rng, 1, 2, 1, 12, 5, 4, causal=True)
+    dq, dk, dv = ops.sparse_attention_backward(q, k, v, out, lse, go, causal=True,
+                                               backend="numpy")
+    assert (dq[:, :, :7] == 0).all() and all(np.isfinite(x).all() for x in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_half_precision_inputs(dtype) -> None:
+    rng = np.random.default_rng(3)
+    q, k, v, out, lse, go, idx = _inputs(rng, 1, 4, 2, 40, 40, 16, dtype, top_k=1,
+                                         block_size=8, causal=True)
+    got = ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx, block_size=8,
+                                        causal=True, backend="numpy")
+    ref = reference_backward.sparse_attention_backward(q, k, v, go, indices=idx, block_size=8,
+                                                       causal=True)
+    for x, want in zip(got, (ref.dq, ref.dk, ref.dv)):
+        assert x.dtype == dtype
+        np.testing.assert_allclose(x.astype(np.float64), want, atol=0.02, rtol=0.02)
+
+
+def test_float64_is_not_declared_and_zero_sizes() -> None:
+    cap = dshal.ops.backends()["numpy"].spec.capabilities["sparse_attention_backward"]
+    assert "float64" not in cap.dtypes and "float32" in cap.dtypes
+    z = np.zeros((1, 2, 0, 4), np.float32)
+    k = np.zeros((1, 1, 3, 4), np.float32)
+    dq, dk, dv = ops.sparse_attention_backward(z, k, k, z, z[..., 0], z, backend="numpy")
+    assert dq.shape == z.shape and (dk == 0).all() and (dv == 0).all()
+
+
+def test_reruns_are_bitwise_equal(monkeypatch) -> None:
+    rng = np.random.default_rng(4)
+    q, k, v, out, lse, go, idx = _inputs(rng, 1, 8, 1, 600, 600, 16, top_k=2, block_size=32,
+                                         window=16, causal=True)
+    runs = []
+    for threads in ("1", "3", "3"):
+        monkeypatch.setenv("DSHAL_NUM_THREADS", threads)
+        runs.append(ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx,
+                                                  block_size=32, window=16, causal=True,
+                                                  backend="numpy"))
+    for a, b, c in zip(*runs):  # a rerun is bitwise equal; another split sums dk in
+        np.testing.assert_array_equal(b, c)  # another order
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_argument_checks() -> None:
+    lib = native.BACKWARD
+    f = np.zeros((2, 4, 3), np.float32)
+    k = np.zeros((5, 3), np.float32)
+    lse = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="disagree"):
+        lib.attention_backward(f, k, k, lse, f, None, None, f, k, k, 0, 9, 1, 0, False, 1.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        lib.attention_backward(f[:, ::2], k, k, lse, f, None, None, f, k, k, 0, 1, 1, 0,
+                               False, 1.0)
+
+
+def test_torch_autograd_runs_the_numpy_backward() -> None:
+    torch = pytest.importorskip("torch")
+    from dshal.torch import library
+
+    q = torch.randn(1, 4, 40, 8, requires_grad=True)
+    k = torch.randn(1, 2, 40, 8, requires_grad=True)
+    v = torch.randn(1, 2, 40, 8, requires_grad=True)
+    out, lse = dshal.ops.sparse_attention(q, k, v, top_k=1, block_size=8, causal=True,
+                                          return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    opts = dict(block_size=8, window=0, causal=True, scale=8 ** -0.5)
+    with torch.no_grad():
+        o2, sel, l2 = torch.ops.dshal.sparse_attention(q, k, v, None, 1, None, 8, 0, True,
+                                                       None, None)
+        chosen = library.backward_backend(q, k, v, o2, l2, torch.ones_like(o2), None, sel,
+                                          opts, None)
+    assert chosen == "numpy"
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o3, l3 = dshal.ops.sparse_attention(q2, k2, v2, top_k=1, block_size=8, causal=True,
+                                        return_lse=True, backend="torch")
+    (o3.sum() + l3.sum()).backward()  # forced torch: the torch backend's backward
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-5, rtol=2e-5)
