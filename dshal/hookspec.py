@@ -186,4 +186,5 @@ RUN_RESULTS: dict[str, tuple[str, ...] | None] = {
     "quantize": ("values", "scales"),
     "gemm": None,
     "gated_channels": ("y", "mask"),
+    "sparse_attention_backward": ("dq", "dk", "dv"),
 }
