@@ -594,7 +594,7 @@ def test_plugin_declares_and_probes():
     pm.check_pending()
     spec = pm.hook.dshal_backend_declare()
     assert isinstance(spec, BackendSpec) and spec.name == "numpy" and spec.array_kind == "numpy"
-    assert spec.plugin_api == (1, 1) and spec.device_types == {1}
+    assert spec.plugin_api == (1, 2) and spec.device_types == {1}
     for op, cap in spec.capabilities.items():
         assert cap.features == FEATURES[op]
     assert spec.capabilities["gemm"].auto_order == ("fp32",)

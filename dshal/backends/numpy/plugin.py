@@ -10,7 +10,7 @@ import os
 import platform
 from typing import Any
 
-from dshal.backends.numpy import attention, gating, gemm
+from dshal.backends.numpy import attention, forms, gating, gemm
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability
 from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANT_DTYPES
@@ -30,7 +30,8 @@ def _version() -> str:
 
 @hookimpl
 def dshal_backend_declare() -> BackendSpec:
-    """Every operator, every feature, float16..float64 (plus fp8/int8 gemm inputs)."""
+    """Every operator, every feature (the 3.1a forms of plugin API 2 included),
+    float16..float64 (plus fp8/int8 gemm inputs)."""
     floats = frozenset(FLOAT_DTYPES)
 
     def cap(op: str, dtypes=floats, precisions=(), auto_order=()) -> OpCapability:
@@ -40,7 +41,7 @@ def dshal_backend_declare() -> BackendSpec:
     return BackendSpec(
         name=NAME,
         version=_version(),
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=frozenset({CPU}),
         array_kind="numpy",
         priority=0,
@@ -100,6 +101,8 @@ def dshal_device_probe() -> DeviceInfo:
 
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
+    if forms.uses_forms(call):
+        return forms.sparse_attention(call)
     return attention.sparse_attention(call)
 
 
