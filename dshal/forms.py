@@ -253,6 +253,12 @@ def _check_indices(arrs: dict[str, Any], varlen: bool, paged: bool, block_size: 
                               f"sequence has {int(nb[b, 0, i, 0])} blocks of {block_size})")
 
 
+def uses_forms(call: Any) -> bool:
+    """Whether a call record uses a 3.1a form (its backend takes the per-sequence path)."""
+    return call.cu_seqlens_q is not None or call.block_table is not None \
+        or call.block_keys is not None
+
+
 def form_arrays(call: Any, arrs: dict[str, Any]) -> None:
     """Put the forms' arrays of ``arrs`` into the call record (index arrays as int64)."""
     for name in FORM_ARGS[:4]:

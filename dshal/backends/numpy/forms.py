@@ -14,13 +14,9 @@ import numpy as np
 from dshal.backends.numpy import decode
 from dshal.backends.numpy.attention import NEG_INF, Task, run_tasks
 from dshal.calls import AttentionCall
-from dshal.forms import seq_keys, seq_summaries, sequences
+from dshal.forms import seq_keys, seq_summaries, sequences, uses_forms
 
-
-def uses_forms(call: AttentionCall) -> bool:
-    """Whether the call uses a 3.1a form."""
-    return call.cu_seqlens_q is not None or call.block_table is not None \
-        or call.block_keys is not None
+__all__ = ["sparse_attention", "uses_forms"]
 
 
 def sparse_attention(call: AttentionCall) -> tuple[np.ndarray, np.ndarray | None,
