@@ -19,4 +19,8 @@ BROKEN = {
     "bb_fp8_no_saturation": ("fp8_no_saturation", "quantize"),
     "bb_closed_channels_computed": ("closed_channels_computed", "gated_channels"),
     "bb_soft_threshold": ("soft_threshold", "gated_channels"),
+    "bb_varlen_boundary_off_by_one": ("varlen_boundary_off_by_one", "sparse_attention"),
+    "bb_varlen_packed_alignment": ("varlen_packed_alignment", "sparse_attention"),
+    "bb_pages_in_pool_order": ("pages_in_pool_order", "sparse_attention"),
+    "bb_block_keys_ignored": ("block_keys_ignored", "sparse_attention"),
 }
