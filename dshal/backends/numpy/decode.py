@@ -185,8 +185,8 @@ def _attend(call: AttentionCall, live: list[Seq], q: np.ndarray, pos: np.ndarray
     Dv = call.v.shape[3]
     if pos.shape[-1] == 0 or not valid.any() or call.k.shape[0] == 0:
         return np.zeros((n, Hkv, g, Dv), cdt), np.full((n, Hkv, g), NEG_INF, np.float32)
-    kg = _gather(call.k, call, live, pos).astype(cdt)
-    vg = _gather(call.v, call, live, pos).astype(cdt)
+    kg = _gather(call.k, call, live, pos).astype(cdt, copy=False)
+    vg = _gather(call.v, call, live, pos).astype(cdt, copy=False)
     vg[~valid] = 0
     s = np.matmul(q.astype(cdt) * cdt.type(call.scale), kg.swapaxes(-1, -2))  # [n, Hkv, g, N]
     s = np.where(valid[:, :, None, :], s, NEG_INF)
