@@ -21,7 +21,8 @@ venv: $(STAMP)
 BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backends/cuda \
 	backends/rocm
 
-$(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c requirements-dev.txt \
+$(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c \
+		dshal/backends/numpy/_decode.c requirements-dev.txt \
 		$(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt

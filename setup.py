@@ -13,4 +13,7 @@ from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
 setup(ext_modules=[Extension("dshal.backends.numpy._native", ["dshal/backends/numpy/_native.c"],
+                             extra_compile_args=flags, optional=True),
+                   # the fused decode of the serving forms (dshal/backends/numpy/decode.py)
+                   Extension("dshal.backends.numpy._decode", ["dshal/backends/numpy/_decode.c"],
                              extra_compile_args=flags, optional=True)])

@@ -15,7 +15,8 @@ All sequences and kv heads are served at once, with no per-sequence Python loop:
 3. **Attention**: one batched product for scores and one for values over the gathered keys,
    softmax in float32 (float64 for float64 inputs). Padding and masked keys get -inf scores and
    zero values before any product, so NaN/Inf in unused page slots or unattended keys never
-   reach an output.
+   reach an output. For float32 C-contiguous pools the compiled loop of ``_decode.c`` does
+   steps 2-3 in one pass over the attended pool rows (no gathered copies).
 
 The reads: (top_k + 1) * block_size + window keys and values per (sequence, kv head) and the
 summaries of the sequence's blocks; the cache length enters only through the summaries.
@@ -23,12 +24,30 @@ summaries of the sequence's blocks; the cache length enters only through the sum
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from dshal.calls import AttentionCall, resolve_count
 from dshal.forms import Seq
 
 NEG_INF = -np.inf
+
+
+def _load_fused():
+    """The compiled decode loop, unless missing or switched off (``DSHAL_NUMPY_NATIVE=0``)."""
+    if os.environ.get("DSHAL_NUMPY_NATIVE", "1").strip() == "0":
+        return None
+    try:
+        from dshal.backends.numpy import _decode
+    except ImportError:
+        return None
+    return _decode
+
+
+#: ``dshal.backends.numpy._decode`` (float32 pools: scores, softmax and values fused over the
+#: attended pool rows, no gathered copies), or None: the numpy passes below run instead
+_FUSED = _load_fused()
 
 
 def serves(call: AttentionCall, seqs: list[Seq]) -> bool:
@@ -177,6 +196,44 @@ def _gather(x: np.ndarray, call: AttentionCall, live: list[Seq], pos: np.ndarray
     return x[rows, heads, np.minimum(start + pos, max(x.shape[2] - 1, 0))]
 
 
+def _pool_rows(call: AttentionCall, live: list[Seq], pos: np.ndarray, valid: np.ndarray
+               ) -> np.ndarray:
+    """int64 [n, Hkv, N]: the row of k (viewed as [-1, D]) of every attended position, -1 for
+    padding."""
+    Hkv, L = call.k.shape[1], call.k.shape[2]
+    heads = np.arange(Hkv)[None, :, None]
+    if live[0].pages is not None:
+        width = max(1, max(len(s.pages) for s in live))
+        table = np.zeros((len(live), width), np.int64)
+        for r, s in enumerate(live):
+            table[r, :len(s.pages)] = s.pages
+        page = table[np.arange(len(live))[:, None, None], pos // L]
+        rows = (page * Hkv + heads) * L + pos % L
+    else:
+        b = np.array([s.kb for s in live])[:, None, None]
+        start = np.array([s.k0 for s in live])[:, None, None]
+        rows = (b * Hkv + heads) * L + start + pos
+    return np.where(valid, rows, -1)
+
+
+def _fused(call: AttentionCall, live: list[Seq], q: np.ndarray, pos: np.ndarray,
+           valid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The compiled decode (``_decode.c``) for float32 C-contiguous pools, else None."""
+    k, v = call.k, call.v
+    if _FUSED is None or k.dtype != np.float32 or v.dtype != np.float32 \
+            or not (k.flags.c_contiguous and v.flags.c_contiguous) or q.shape[2] > 64:
+        return None
+    n, Hkv, g, D = q.shape
+    Dv = v.shape[3]
+    qt = np.ascontiguousarray((q.astype(np.float32) * np.float32(call.scale)
+                               ).transpose(0, 1, 3, 2)).reshape(n * Hkv, D, g)
+    rows = np.ascontiguousarray(_pool_rows(call, live, pos, valid).reshape(n * Hkv, -1))
+    out = np.empty((n * Hkv, g, Dv), np.float32)
+    lse = np.empty((n * Hkv, g), np.float32)
+    _FUSED.decode(qt, k.reshape(-1, D), v.reshape(-1, Dv), rows, out, lse)
+    return out.reshape(n, Hkv, g, Dv), lse.reshape(n, Hkv, g)
+
+
 def _attend(call: AttentionCall, live: list[Seq], q: np.ndarray, pos: np.ndarray,
             valid: np.ndarray, cdt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Softmax attention of q [n, Hkv, g, D] over the gathered keys; (out [n, Hkv, g, Dv],
@@ -185,6 +242,9 @@ def _attend(call: AttentionCall, live: list[Seq], q: np.ndarray, pos: np.ndarray
     Dv = call.v.shape[3]
     if pos.shape[-1] == 0 or not valid.any() or call.k.shape[0] == 0:
         return np.zeros((n, Hkv, g, Dv), cdt), np.full((n, Hkv, g), NEG_INF, np.float32)
+    fused = _fused(call, live, q, pos, valid)
+    if fused is not None:
+        return fused
     kg = _gather(call.k, call, live, pos).astype(cdt, copy=False)
     vg = _gather(call.v, call, live, pos).astype(cdt, copy=False)
     vg[~valid] = 0
