@@ -48,6 +48,9 @@ def _load_fused():
 #: ``dshal.backends.numpy._decode`` (float32 pools: scores, softmax and values fused over the
 #: attended pool rows, no gathered copies), or None: the numpy passes below run instead
 _FUSED = _load_fused()
+#: which decode path runs (``dshal info`` prints it)
+STATUS = ("compiled loop (dshal.backends.numpy._decode) for float32 pools" if _FUSED is not None
+          else "numpy passes (the compiled loop is not built or DSHAL_NUMPY_NATIVE=0)")
 
 
 def serves(call: AttentionCall, seqs: list[Seq]) -> bool:

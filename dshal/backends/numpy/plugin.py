@@ -10,7 +10,7 @@ import os
 import platform
 from typing import Any
 
-from dshal.backends.numpy import attention, forms, gating, gemm
+from dshal.backends.numpy import attention, decode, forms, gating, gemm
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability
 from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANT_DTYPES
@@ -96,7 +96,8 @@ def dshal_device_probe() -> DeviceInfo:
     return DeviceInfo(present=True, name=name, driver=f"numpy {np.__version__}, BLAS: {_blas()}",
                       details={"processor": _cpu_model(), "attention threads": threads,
                                "quantize and rounding": native.STATUS,
-                               "int8 gemm products": native.INT8_STATUS})
+                               "int8 gemm products": native.INT8_STATUS,
+                               "serving decode": decode.STATUS})
 
 
 @hookimpl
