@@ -105,6 +105,11 @@ ATTENTION: tuple[tuple[str, dict[str, Any]], ...] = (
                                 return_lse=True)),
     ("logits-1e4", dict(Hq=2, Hkv=1, Lq=64, Lk=64, D=64, causal=True, data="big-logits",
                         return_lse=True, dtypes=("bfloat16", "float32"))),
+    # scores near 1e11: beyond float32's resolution of a shifted softmax (a reference folded
+    # into the product loses the reference key itself), still finite everywhere
+    ("logits-scale-3e9", dict(Hq=4, Hkv=2, Lq=200, Lk=200, D=32, top_k=2, block_size=16,
+                              window=8, causal=True, scale=3e9, return_lse=True,
+                              dtypes=("float32",))),
     ("odd-head-dims", dict(Hq=3, Hkv=1, Lq=3, Lk=3, D=3, Dv=17)),
     ("head-dim-160", dict(Hq=2, Hkv=1, Lq=17, Lk=33, D=160, Dv=160, causal=True)),
     ("explicit-scale", dict(Hq=2, Hkv=1, Lq=17, Lk=17, D=16, scale=0.5, top_k=1,

@@ -340,10 +340,22 @@ def plan_gemm(metas: dict[str, ArrayMeta], *, precision=None, a_scale=None, b_sc
         None if auto else precision, (("k", K),))
     scalars = {"a_scale": a_scale, "b_scale": b_scale}
 
+    # float operands quantised on the fly (or measured by auto) must be finite, as quantize's x
+    quantised_floats = tuple(name for name, d in (("a", da), ("b", db)) if d in FLOAT_DTYPES) \
+        if auto or precision in QUANTIZED_PRECISIONS else ()
+
     def check(arrs: Arrays) -> None:
         for name in ("a_scale", "b_scale"):
             if arrs.get(name) is not None and not arrays.all_finite(arrs[name]):
                 raise DshalValueError(f"{name} must be finite, found NaN or Inf")
+        for name in quantised_floats:
+            if not arrays.all_finite(arrs[name]):
+                why = "measures each candidate's error against the exact product" if auto \
+                    else "quantises it on the fly (scale = amax / qmax)"
+                raise DshalValueError(
+                    f"{name} holds NaN or Inf: gemm(precision={precision!r}) {why}, which "
+                    "needs finite values; use precision='fp32' (or bf16/fp16/tf32) to "
+                    "propagate them")
 
     def run(bk: Backend, arrs: Arrays, concrete: str | None = None) -> list[Any]:
         get = arrs.get

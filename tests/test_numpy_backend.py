@@ -282,6 +282,19 @@ def test_attention_logits_around_1e4_and_stale_reference():
     check_attention(q * 50, k, v, causal=True, window=9)
 
 
+def test_attention_scores_beyond_float32_shift_resolution_stay_finite():
+    """scale=3e9 puts scores near 1e11 (log2 units), where float32 cannot resolve a shift by
+    the row's reference: the reference key itself used to come out below 2**-125, leaving rows
+    with no mass (NaN). Every layout of the passes must keep them finite and correct."""
+    rng = np.random.default_rng(11)
+    q, k, v = _qkv(rng, 1, 4, 2, 200, 200, 32, 32)
+    for kw in (dict(top_k=2, block_size=16, window=8, causal=True), dict(causal=True), {},
+               dict(window=5, causal=True), dict(top_k=3, block_size=8)):
+        out, _, lse, _ = run_attention(q, k, v, scale=3e9, **kw)
+        assert np.isfinite(out).all() and np.isfinite(lse).all(), kw
+        check_attention(q, k, v, scale=3e9, **kw)
+
+
 def test_attention_threaded_units_match_and_rerun_bitwise(monkeypatch):
     rng = np.random.default_rng(7)
     q, k, v = _qkv(rng, 1, 8, 2, 300, 300, 16, 8)

@@ -24,7 +24,10 @@ rescales lazily: scores are shifted by a per-row reference (initially the score 
 own position, a key the query is allowed), carried as an extra query column against a column
 of ones on the keys so the shift costs no pass, and the values carry a column of ones so the
 softmax denominator comes out of the same BLAS call. A row is rescaled to its true max only when
-a product's exp-sum leaves (0, 2**32] or is NaN.
+a product's exp-sum exceeds 2**32 or is NaN. Scores so large that float32 cannot resolve the
+shift (beyond 2**31 in log2 units) can leave a row with no mass at all; such a unit is rerun
+with references taken from computed maxima only, so every row with a finite score holds a term
+of exactly 1.
 
 Masked scores become -inf through ``np.where`` (or an added -inf bias when the keys involved are
 finite) and non-finite values of masked keys are kept out of the products explicitly, so
@@ -278,12 +281,20 @@ def _unit(call: AttentionCall, task: Task, unit: tuple[int, int, int, int], cach
                 picked[b, t, qa] = _compact(sel)
         if kv.lk == 0 or g == 0:
             return
+        every_key = call.indices is None and _selects_every_block(call.top_k, kv.n_blocks)
         head = _Head(call, task.q[heads, qa:qz], kv, off, cdt)
-        head.run(sel, call.indices is None and _selects_every_block(call.top_k, kv.n_blocks))
+        head.run(sel, every_key)
         # rows with nothing allowed give 0 / -inf; rows whose allowed scores are all -inf
         # give NaN, as the softmax itself does
         empty = ~_has_keys(call, sel, qz - qa, off, kv.lk)
         den = head.acc[..., -1:]
+        if ((den[..., 0] == 0) & np.isfinite(head.m)).any():
+            # a finite reference yet no mass: the scores are so large (|score| beyond 2**31
+            # in log2 units) that the shift folded into the product lost the reference key
+            # itself; rerun with references taken from each row's computed maxima only
+            head = _Head(call, task.q[heads, qa:qz], kv, off, cdt)
+            head.run(sel, every_key, own_reference=False)
+            den = head.acc[..., -1:]
         view = task.out[heads, qa:qz].transpose(1, 0, 2)
         np.divide(head.acc[..., :-1], den, out=view, casting="unsafe")
         view[empty] = 0
@@ -448,17 +459,21 @@ class _Head:
         self.acc = np.zeros((n, g, kv.vx.shape[1]), cdt)
         self.rows = np.arange(n)
 
-    def run(self, sel: np.ndarray | None, every_key: bool = False) -> None:
+    def run(self, sel: np.ndarray | None, every_key: bool = False, own_reference: bool = True
+            ) -> None:
         """Both passes, leaving the sums in ``acc`` and the references in ``m``.
 
         ``every_key``: the selection holds every block a query may see (``top_k`` at least the
         number of blocks), so the call is dense attention and runs as such, in key chunks
-        (the block pass would gather every query for every block).
+        (the block pass would gather every query for every block). ``own_reference=False``
+        leaves the references unset, so each row's first product sets it to its computed max
+        (a term of exactly 1 in every row that has a finite score).
         """
         if every_key:
             sel = None
         w = 0 if every_key else self.call.window
-        self._init_reference(sel if w == 0 and self.call.indices is not None else None)
+        if own_reference:
+            self._init_reference(sel if w == 0 and self.call.indices is not None else None)
         if sel is None or w > 0:
             _band_pass(self, w, dense=sel is None and w == 0)
         if sel is not None:
