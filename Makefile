@@ -22,7 +22,8 @@ BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backend
 	backends/rocm
 
 $(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c \
-		dshal/backends/numpy/_backward.c dshal/backends/numpy/_exp2.h requirements-dev.txt \
+		dshal/backends/numpy/_backward.c dshal/backends/numpy/_exp2.h \
+		dshal/backends/numpy/_decode.c requirements-dev.txt \
 		$(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt

@@ -26,4 +26,7 @@ setup(ext_modules=[
               depends=header, extra_compile_args=flags, optional=True),
     Extension("dshal.backends.numpy._backward", ["dshal/backends/numpy/_backward.c"],
               depends=header, extra_compile_args=backward_flags, optional=True),
+    # the fused decode of the serving forms (dshal/backends/numpy/decode.py)
+    Extension("dshal.backends.numpy._decode", ["dshal/backends/numpy/_decode.c"],
+              extra_compile_args=flags, optional=True),
 ])

@@ -155,6 +155,9 @@ def attention_cases() -> Iterator[Case]:
             return {**base, "dtype": dtype}
 
         yield from _variants("sparse_attention", name, dtypes, index, make, quick)
+    from dshal_conformance.forms import form_cases  # the 3.1a forms (it builds on this module)
+
+    yield from form_cases(len(ATTENTION))
 
 
 # --- gemm -------------------------------------------------------------------------------------

@@ -92,37 +92,73 @@ def _unpack(result: Any, flags: tuple[bool, ...]) -> list[Any]:
 def check_attention(call: Call, result: Any, rng: np.random.Generator,
                     quantizer: Quantizer | None = None) -> Verdict:
     """sparse_attention: the returned selection's validity, then out (and lse) against the
-    reference computed with that selection."""
-    q, k, v = (np.asarray(a) for a in call.args)
+    reference computed with that selection. Calls in the varlen and paged forms are judged
+    sequence by sequence (:mod:`.forms`)."""
     o = call.kwargs
+    if any(o.get(n) is not None for n in FORM_CALLS):
+        from dshal_conformance.forms import check_forms
+
+        return check_forms(call, result, rng)
+    q, k, v = (np.asarray(a) for a in call.args)
+    out, sel, lse = _unpack(result, (bool(o.get("return_indices")), bool(o.get("return_lse"))))
+    terms = attention_terms(q, k, v, o, sel)
+    return attention_verdict(terms, out, lse, _dtype(q), rng)
+
+
+#: keyword arguments that make a call varlen or paged
+FORM_CALLS = ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k")
+
+
+@dataclass
+class AttentionTerms:
+    """What the gates of one (contiguous) attention call are built from, [B, Hq, Lq(, Dv)]
+    arrays; selection problems and notes found on the way."""
+
+    ref_out: np.ndarray
+    mag: np.ndarray
+    pv2: np.ndarray
+    n_keys: np.ndarray
+    delta: np.ndarray
+    p_max: np.ndarray
+    ref_lse: np.ndarray
+    ignore: np.ndarray | None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def attention_terms(q: np.ndarray, k: np.ndarray, v: np.ndarray, o: dict[str, Any],
+                    sel: np.ndarray | None) -> AttentionTerms:
+    """The reference and bound terms of a contiguous call (``o``: its options; ``sel``: the
+    indices it returned, or None), judged with the returned selection when it is valid."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     g = Hq // Hkv if Hkv else 1  # no heads: nothing is grouped
     bs, window, causal = o.get("block_size", 64), o.get("window", 0), o.get("causal", False)
     scale = o.get("scale")
     scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else float(scale)
-    out, sel, lse = _unpack(result, (bool(o.get("return_indices")), bool(o.get("return_lse"))))
     dtype = _dtype(q)
     acc = "float64" if dtype == "float64" else "float32"
     u_acc, u_in = DTYPE_UNIT_ROUNDOFF[acc], DTYPE_UNIT_ROUNDOFF[dtype]
-    verdict = Verdict()
+    problems: list[str] = []
+    notes: list[str] = []
     blocks, ignore = o.get("indices"), None  # the selection the output is judged with
     nb = -(-Lk // bs)
     if o.get("top_k") is not None:
-        geo = selection.geometry(q, k, o["top_k"], bs, scale, causal, u_in, u_acc)
+        geo = selection.geometry(q, k, o["top_k"], bs, scale, causal, u_in, u_acc,
+                                 o.get("block_keys"))
         if sel is not None:
-            verdict.problems += selection.problems(sel, geo)
+            problems += selection.problems(sel, geo)
             blocks = None if selection.format_problem(sel, nb) else sel
         if blocks is None:
             blocks = reference.select_blocks(geo.scores, o["top_k"], Lq, Lk, bs, causal)
             if sel is None:  # no returned selection: rows cut at a near-tie are not compared
                 ignore = selection.ambiguous(blocks, geo)
                 if ignore.any():
-                    verdict.notes.append(f"{int(ignore.sum())} rows with a near-tie at the "
-                                         "top-k cut not compared (no returned selection)")
+                    notes.append(f"{int(ignore.sum())} rows with a near-tie at the "
+                                 "top-k cut not compared (no returned selection)")
     elif blocks is not None and sel is not None and selection.differs_from(sel, blocks, nb):
-        verdict.problems.append("returned indices differ from the caller's indices "
-                                "(sorted, deduplicated, -1 padded)")
+        problems.append("returned indices differ from the caller's indices "
+                        "(sorted, deduplicated, -1 padded)")
     common = dict(indices=blocks, block_size=bs, window=window, causal=causal, scale=scale)
     ref_out, _, ref_lse = reference.sparse_attention(q, k, v, **common)
     v64 = v.astype(np.float64)
@@ -134,17 +170,28 @@ def check_attention(call: Call, result: Any, rng: np.random.Generator,
     size, top = _logit_stats(q, k, allowed, scale)
     delta = u_acc * (math.sqrt(D) + 3) * size
     with np.errstate(invalid="ignore", over="ignore"):
-        p_max = np.where(np.isfinite(ref_lse), np.exp(top - ref_lse), 0.0)[..., None]
+        p_max = np.where(np.isfinite(ref_lse), np.exp(top - ref_lse), 0.0)
     ignore_h = None if ignore is None else np.repeat(ignore, g, axis=1)
+    return AttentionTerms(ref_out, mag, pv2, n_keys, delta, p_max, ref_lse, ignore_h,
+                          problems, notes)
+
+
+def attention_verdict(t: AttentionTerms, out: np.ndarray, lse: np.ndarray | None, dtype: str,
+                      rng: np.random.Generator) -> Verdict:
+    """Both gates on out (and lse) from the terms of :func:`attention_terms`."""
+    acc = "float64" if dtype == "float64" else "float32"
+    u_in = DTYPE_UNIT_ROUNDOFF[dtype]
+    verdict = Verdict(problems=list(t.problems), notes=list(t.notes))
+    p_max = t.p_max[..., None]
     verdict.measurements.append(measure(out, Bound(
-        "out", ref_out, mag, n_keys[..., None], u_in, acc, dtype, rss=np.sqrt(p_max * pv2),
-        extra=delta[..., None] * (mag + np.abs(ref_out)),
-        extra_rss=delta[..., None] * np.sqrt(p_max * (pv2 + ref_out ** 2)),
-        ignore=None if ignore_h is None else ignore_h[..., None]), rng))
+        "out", t.ref_out, t.mag, t.n_keys[..., None], u_in, acc, dtype,
+        rss=np.sqrt(p_max * t.pv2), extra=t.delta[..., None] * (t.mag + np.abs(t.ref_out)),
+        extra_rss=t.delta[..., None] * np.sqrt(p_max * (t.pv2 + t.ref_out ** 2)),
+        ignore=None if t.ignore is None else t.ignore[..., None]), rng))
     if lse is not None:
         verdict.measurements.append(measure(lse, Bound(
-            "lse", ref_lse, 1.0, n_keys, 0.0, acc, "float32", rss=np.sqrt(p_max[..., 0]),
-            extra=delta, extra_rss=delta, ignore=ignore_h), rng))
+            "lse", t.ref_lse, 1.0, t.n_keys, 0.0, acc, "float32", rss=np.sqrt(t.p_max),
+            extra=t.delta, extra_rss=t.delta, ignore=t.ignore), rng))
     return verdict
 
 

@@ -71,7 +71,12 @@ def _bump_ulp(x: np.ndarray) -> np.ndarray:
 
 
 def attention(p: dict[str, Any], rng: np.random.Generator) -> Call:
-    """q, k, v and options; variants: normal, big-logits, ties, nan-outside."""
+    """q, k, v and options; variants: normal, big-logits, ties, nan-outside (cases in a 3.1a
+    form: :func:`dshal_conformance.forms.build`)."""
+    if "form" in p:
+        from dshal_conformance.forms import build
+
+        return build(p, rng)
     B, Hq, Hkv, Lq, Lk, D = (p[n] for n in ("B", "Hq", "Hkv", "Lq", "Lk", "D"))
     Dv = p.get("Dv", D)
     dtype, data = p["dtype"], p.get("data", "normal")
@@ -110,7 +115,8 @@ def _poison_unreachable(q: np.ndarray, k: np.ndarray, v: np.ndarray, opts: dict)
     scale = opts.get("scale") or (1 / math.sqrt(D) if D else 1.0)
     selection = opts.get("indices")
     if opts.get("top_k") is not None:
-        scores = reference.selection_scores(q, k, bs, scale)
+        scores = reference.selection_scores(q, k, bs, scale) if opts.get("block_keys") is None \
+            else reference.summary_scores(q, opts["block_keys"], scale)
         selection = reference.select_blocks(scores, opts["top_k"], Lq, Lk, bs, causal)
     allowed = reference.allowed_mask(Lq, Lk, B=B, Hkv=Hkv, block_size=bs,
                                      window=opts.get("window", 0), causal=causal,

@@ -33,6 +33,10 @@ ATT = {"B": 1, "Hq": 2, "Hkv": 1, "Lq": 5, "Lk": 9, "D": 4, "opts": {"block_size
 GEMM = {"M": 3, "K": 8, "N": 4, "group_size": 4}
 QUANT = {"shape": [4, 8], "precision": "int8", "group_size": 4}
 GATED = {"lead": [3], "C": 6}
+VARLEN = {"form": "varlen", "Hq": 2, "Hkv": 1, "D": 4, "lq": [2, 3], "lk": [4, 5],
+          "opts": {"block_size": 4}}
+PAGED = {"form": "paged", "Hq": 2, "Hkv": 1, "D": 4, "lq": [1, 1], "lk": [5, 9],
+         "page_size": 8, "opts": {"block_size": 4}}
 
 
 def _set(**kw: Any) -> Callable[[data.Call], None]:
@@ -52,6 +56,24 @@ def _both(*fs: Callable[[data.Call], None]) -> Callable[[data.Call], None]:
         for f in fs:
             f(call)
     return breaks
+
+
+def _edit(name: str, f: Callable[[np.ndarray], Any]) -> Callable[[data.Call], None]:
+    """Replace keyword argument ``name`` by ``f`` of a copy of it (None removes it)."""
+    def breaks(call: data.Call) -> None:
+        value = f(np.array(call.kwargs[name]))
+        if value is None:
+            del call.kwargs[name]
+        else:
+            call.kwargs[name] = value
+    return breaks
+
+
+def _at(index: Any, value: int) -> Callable[[np.ndarray], np.ndarray]:
+    def put(x: np.ndarray) -> np.ndarray:
+        x[index] = value
+        return x
+    return put
 
 
 def _nan(x: np.ndarray) -> np.ndarray:
@@ -80,6 +102,33 @@ INVALID: tuple[Invalid, ...] = (
     Invalid("q-3d", "sparse_attention", ATT, _arg(0, lambda q: q[0]), ValueError, "q"),
     Invalid("causal-not-bool", "sparse_attention", ATT, _set(causal="yes"), TypeError,
             "causal"),
+    Invalid("cu-seqlens-not-from-0", "sparse_attention", VARLEN,
+            _edit("cu_seqlens_q", lambda c: c + 1), ValueError, "cu_seqlens_q"),
+    Invalid("cu-seqlens-decreasing", "sparse_attention", VARLEN,
+            _edit("cu_seqlens_k", _at(1, 10)), ValueError, "cu_seqlens_k"),
+    Invalid("cu-seqlens-wrong-end", "sparse_attention", VARLEN,
+            _edit("cu_seqlens_k", _at(-1, 8)), ValueError, "cu_seqlens_k"),
+    Invalid("cu-seqlens-alone", "sparse_attention", VARLEN,
+            _edit("cu_seqlens_k", lambda c: None), ValueError, "cu_seqlens_k"),
+    Invalid("varlen-block-keys-rows", "sparse_attention", VARLEN,
+            _set(top_k=1, block_keys=np.zeros((1, 1, 2, 4), np.float32)), ValueError,
+            "block_keys"),
+    Invalid("page-out-of-range", "sparse_attention", PAGED,
+            _edit("block_table", _at((1, 1), 1000)), ValueError, "block_table"),
+    Invalid("negative-page", "sparse_attention", PAGED,
+            _edit("block_table", _at((0, 0), -1)), ValueError, "block_table"),
+    Invalid("seqlens-beyond-table", "sparse_attention", PAGED,
+            _edit("seqlens_k", _at(0, 100)), ValueError, "seqlens_k"),
+    Invalid("page-size-not-block-multiple", "sparse_attention", PAGED, _set(block_size=3),
+            ValueError, "page_size"),
+    Invalid("paged-block-keys-shape", "sparse_attention", PAGED,
+            _set(top_k=1, block_keys=np.zeros((1, 1, 2, 4), np.float32)), ValueError,
+            "block_keys"),
+    Invalid("paged-without-seqlens", "sparse_attention", PAGED,
+            _edit("seqlens_k", lambda c: None), ValueError, "seqlens_k"),
+    Invalid("paged-and-contiguous-mixed", "sparse_attention", PAGED,
+            _set(cu_seqlens_q=np.array([0, 1, 2], np.int32),
+                 cu_seqlens_k=np.array([0, 1, 2], np.int32)), ValueError, "cu_seqlens_k"),
     Invalid("k-mismatch", "gemm", GEMM, _arg(1, lambda b: b[:-1]), ValueError, "K"),
     Invalid("unknown-precision", "gemm", GEMM, _set(precision="fp4"), ValueError, "precision"),
     Invalid("scale-of-float-input", "gemm", GEMM, _set(a_scale=2.0), ValueError, "a_scale"),

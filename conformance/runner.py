@@ -26,7 +26,7 @@ from dshal.errors import UnsupportedError
 from dshal.registry import Backend, registry
 from dshal_conformance import data, invalid, limits
 from dshal_conformance.cases import Case, fixed_cases, select
-from dshal_conformance.checks import CHECKS, Verdict
+from dshal_conformance.checks import CHECKS, FORM_CALLS, Verdict
 from dshal_conformance.devices import Target
 from dshal_conformance.gates import Measurement
 from dshal_conformance.properties import property_cases
@@ -261,6 +261,8 @@ class Runner:
         first = call.args[0]
         if case.op not in BATCHED or first.ndim < BATCHED[case.op][0] or first.shape[0] < 2:
             return
+        if any(n in call.kwargs for n in FORM_CALLS):  # sequences share pools or packed rows
+            return
         whole = self.call(case.op, call)
         out = whole[0] if isinstance(whole, tuple) else whole
         names = BATCHED[case.op][1]
@@ -281,8 +283,8 @@ class Runner:
 
 #: per operator: minimum ndim of the first argument for a batch axis, and the arguments that
 #: carry it
-BATCHED = {"sparse_attention": (4, ("q", "k", "v", "indices")), "gemm": (3, ("a", "a_scale")),
-           "gated_channels": (2, ("x", "gate_logits"))}
+BATCHED = {"sparse_attention": (4, ("q", "k", "v", "indices", "block_keys")),
+           "gemm": (3, ("a", "a_scale")), "gated_channels": (2, ("x", "gate_logits"))}
 POSITIONAL = {"sparse_attention": ("q", "k", "v"), "gemm": ("a", "b"),
               "gated_channels": ("x", "gate_logits"), "quantize": ("x", "precision")}
 #: batch elements recomputed alone per case

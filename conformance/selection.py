@@ -61,11 +61,17 @@ class Geometry:
 
 
 def geometry(q: np.ndarray, k: np.ndarray, top_k: Any, bs: int, scale: float, causal: bool,
-              u_in: float, u_acc: float) -> Geometry:
+              u_in: float, u_acc: float, block_keys: np.ndarray | None = None) -> Geometry:
+    """Selection facts; scores from ``block_keys`` [B, Hkv, nb, D] when given (DESIGN 3.1a),
+    else from the block means."""
     _, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    scores = reference.selection_scores(q, k, bs, scale)
-    size = reference.selection_scores(finite_abs(q), finite_abs(k), bs, abs(scale))
+    if block_keys is None:
+        scores = reference.selection_scores(q, k, bs, scale)
+        size = reference.selection_scores(finite_abs(q), finite_abs(k), bs, abs(scale))
+    else:
+        scores = reference.summary_scores(q, block_keys, scale)
+        size = reference.summary_scores(finite_abs(q), finite_abs(block_keys), abs(scale))
     g = Hq // Hkv
     row_tol = tol.C_SCORE * (u_in + u_acc * math.sqrt(D + g + bs)) * size.max(
         axis=-1, initial=0.0)

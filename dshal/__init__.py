@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 _SUBMODULES = {"ops", "reference", "dispatch", "registry", "hookspec", "capabilities", "calls",
-               "arrays", "dtypes", "errors"}
+               "arrays", "dtypes", "errors", "serving"}
 _FROM = {"explain": "dshal.ops", "use_backend": "dshal.dispatch", "backends": "dshal.ops"}
 
 if TYPE_CHECKING:

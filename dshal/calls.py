@@ -24,6 +24,13 @@ class AttentionCall:
 
     ``top_k`` is ``None``, an ``int`` count (>= 0) or a ``float`` fraction in (0, 1];
     ``indices`` is ``None`` or an int64 array [B,Hkv,Lq,n] already range-checked (-1 = ignore).
+
+    The serving and training forms (DESIGN 3.1a; :mod:`dshal.forms` describes each sequence):
+    ``cu_seqlens_q``/``cu_seqlens_k`` int64 [S+1] (varlen: q [1,Hq,Tq,D]; ``cu_seqlens_k`` is
+    ``None`` when the keys are paged), ``block_table`` int64 [S or B, max_pages] with
+    ``seqlens_k`` int64 [S or B] (paged: k/v are page pools [P,Hkv,page_size,D]) and
+    ``block_keys`` (summaries in the layout of k's form). All are validated: cu_seqlens
+    start at 0, never decrease and end at the packed lengths, the used pages lie in [0, P).
     """
 
     q: Any
@@ -37,6 +44,12 @@ class AttentionCall:
     indices: Any | None
     return_indices: bool
     return_lse: bool
+    # --- serving and training forms (DESIGN 3.1a) ---
+    cu_seqlens_q: Any | None = None
+    cu_seqlens_k: Any | None = None
+    block_table: Any | None = None
+    seqlens_k: Any | None = None
+    block_keys: Any | None = None
 
 
 @dataclass(eq=False, slots=True)

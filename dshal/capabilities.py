@@ -31,7 +31,7 @@ FEATURES: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "sparse_attention": frozenset(
             {"top_k", "indices", "window", "causal", "gqa", "cross_length", "return_indices",
-             "return_lse"}
+             "return_lse", "varlen", "paged", "block_keys"}
         ),
         "gemm": frozenset({"bias", "batched", "prequantized", "auto"}),
         "quantize": frozenset({"row", "block", "tensor"}),
@@ -45,6 +45,13 @@ FEATURES: Mapping[str, frozenset[str]] = MappingProxyType(
         ),
     }
 )
+
+#: the serving and training forms of sparse_attention (DESIGN 3.1a): ragged batches
+#: (``cu_seqlens_q``/``cu_seqlens_k``), a paged KV cache (``block_table`` + ``seqlens_k``) and
+#: per-block key summaries (``block_keys``). They are features of plugin API 2: a plugin whose
+#: declared API range stops at 1 is refused them whatever its feature set says
+SERVING_FEATURES = frozenset({"varlen", "paged", "block_keys"})
+SERVING_API = 2
 
 #: DLPack device type codes (dlpack.h ``DLDeviceType``)
 DLPACK_DEVICE_TYPES: Mapping[int, str] = MappingProxyType(
@@ -178,6 +185,15 @@ def _allowed(values) -> str:
     return ", ".join(sorted(values)) or "none"
 
 
+def served_features(spec: BackendSpec, op: str) -> frozenset[str]:
+    """The features of ``op`` that ``spec`` serves: its declared ones, less the serving forms
+    when its plugin API range stops before :data:`SERVING_API`."""
+    cap = spec.capabilities.get(op)
+    if cap is None:
+        return frozenset()
+    return cap.features if spec.plugin_api[1] >= SERVING_API else cap.features - SERVING_FEATURES
+
+
 def capability_reasons(spec: BackendSpec, sig: Signature) -> list[str]:
     """The generic reasons ``spec`` refuses ``sig`` (empty when it accepts).
 
@@ -197,6 +213,10 @@ def capability_reasons(spec: BackendSpec, sig: Signature) -> list[str]:
     if sig.precision is not None and sig.precision not in cap.precisions:
         reasons.append(f"precision={sig.precision} (supported: {_allowed(cap.precisions)})")
     missing = sig.features - cap.features
+    serving = sig.features & SERVING_FEATURES - missing
+    if serving and spec.plugin_api[1] < SERVING_API:
+        reasons.append(f"features {_allowed(serving)} need plugin API {SERVING_API} (the "
+                       f"plugin declares {spec.plugin_api[0]}..{spec.plugin_api[1]})")
     if missing:
         reasons.append(
             f"features {_allowed(missing)} not supported (supported: {_allowed(cap.features)})"

@@ -110,7 +110,9 @@ def sparse_attention(q: Any, k: Any, v: Any, *, top_k: int | float | None = None
                      block_size: int = 64, window: int = 0, causal: bool = False,
                      scale: float | None = None, indices: Any = None,
                      return_indices: bool = False, return_lse: bool = False,
-                     backend: str | None = None) -> Any:
+                     backend: str | None = None, cu_seqlens_q: Any = None,
+                     cu_seqlens_k: Any = None, block_table: Any = None, seqlens_k: Any = None,
+                     block_keys: Any = None) -> Any:
     """Attention where each query sees its top-k key blocks plus a sliding window.
 
     :param q: queries [B, Hq, Lq, D] (float16, bfloat16, float32; float64 where declared).
@@ -128,20 +130,35 @@ def sparse_attention(q: Any, k: Any, v: Any, *, top_k: int | float | None = None
     :param return_indices: also return the selected blocks [B, Hkv, Lq, n] int64, -1 padded.
     :param return_lse: also return the log-sum-exp of the scaled scores [B, Hq, Lq] float32.
     :param backend: force a backend by name.
+    :param cu_seqlens_q: varlen (DESIGN 3.1a): int32/int64 [S+1], sequence s owns query rows
+        ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of q [1, Hq, Tq, D] (starts at 0, non-decreasing,
+        ends at Tq). Each sequence is an independent call (own alignment, blocks, window).
+    :param cu_seqlens_k: varlen: the same for the key rows of k/v [1, Hkv, Tk, D].
+    :param block_table: paged KV cache: int32 [B or S, max_pages]; k/v are page pools
+        [P, Hkv, page_size, D] and sequence b reads pages block_table[b, 0], [b, 1], ...
+        (``page_size % block_size == 0``). Combinable with ``cu_seqlens_q``.
+    :param seqlens_k: paged: int32 [B or S], each sequence's key count; its query i sits at
+        p = i + seqlens_k[b] - Lq_b.
+    :param block_keys: per-block key summaries that replace the block means in top_k's score:
+        [B, Hkv, n_blocks, D], paged [P, Hkv, page_size // block_size, D], varlen
+        [1, Hkv, sum of n_blocks(s), D]. Given them, decode reads only the keys it attends.
     :return: out [B, Hq, Lq, Dv] in q's dtype, or the tuple (out, indices, lse) holding what was
         asked for. A query with no allowed key gives out = 0 and lse = -inf.
 
     torch tensors that require grad (or a ``torch.compile`` trace) take the autograd path of
     :mod:`dshal.torch`, with the same arguments and results.
     """
+    forms = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+             "block_table": block_table, "seqlens_k": seqlens_k, "block_keys": block_keys}
     if _autograd(q, k, v):
         from dshal import torch as dt
 
+        extra = {n: x for n, x in forms.items() if x is not None}
         return dt.sparse_attention(q, k, v, top_k=top_k, block_size=block_size, window=window,
                                    causal=causal, scale=scale, indices=indices,
                                    return_indices=return_indices, return_lse=return_lse,
-                                   backend=backend)
-    return _call("sparse_attention", {"q": q, "k": k, "v": v, "indices": indices},
+                                   backend=backend, **extra)
+    return _call("sparse_attention", {"q": q, "k": k, "v": v, "indices": indices, **forms},
                  {"top_k": top_k, "block_size": block_size, "window": window, "causal": causal,
                   "scale": scale, "return_indices": return_indices, "return_lse": return_lse},
                  backend)
@@ -317,7 +334,8 @@ def sparse_attention_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, grad_o
 # --- introspection ----------------------------------------------------------------------------
 
 _ARRAY_ARGS = {
-    "sparse_attention": ("q", "k", "v", "indices"),
+    "sparse_attention": ("q", "k", "v", "indices", "cu_seqlens_q", "cu_seqlens_k", "block_table",
+                         "seqlens_k", "block_keys"),
     "quantize": ("x",),
     "gemm": ("a", "b", "bias", "a_scale", "b_scale"),
     "gated_channels": ("x", "gate_logits", "weight", "bias"),

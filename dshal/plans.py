@@ -38,6 +38,7 @@ from dshal.dtypes import (
     STORAGE_DTYPE,
 )
 from dshal.errors import DshalTypeError, DshalValueError, PluginError
+from dshal.forms import FORM_ARGS, form_arrays, plan_forms
 from dshal.registry import Backend
 from dshal.validate import (
     ceil_div,
@@ -130,20 +131,27 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
     B, Hq, Lq, D = mq.shape
     Hkv, Lk = mk.shape[1], mk.shape[2]
     Dv = mv.shape[3]
-    if mk.shape[0] != B or mv.shape[0] != B:
+    forms_given = any(n in metas for n in FORM_ARGS)
+    if not forms_given and (mk.shape[0] != B or mv.shape[0] != B):
         raise DshalValueError(f"batch sizes differ: q {B}, k {mk.shape[0]}, v {mv.shape[0]}")
     if mk.shape[3] != D:
         raise DshalValueError(f"k head dim {mk.shape[3]} must equal q head dim {D}")
-    if tuple(mv.shape[1:3]) != (Hkv, Lk):
-        raise DshalValueError(f"v must have k's heads and length [{Hkv}, {Lk}] in dims 1-2, got "
-                              f"shape {list(mv.shape)}")
+    if tuple(mv.shape[:3]) != tuple(mk.shape[:3]):
+        raise DshalValueError(f"v must have k's batch (or pages), heads and length "
+                              f"{list(mk.shape[:3])} in dims 0-2, got shape {list(mv.shape)}")
     if (Hkv == 0 and Hq != 0) or (Hkv and Hq % Hkv):
         raise DshalValueError(
             f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
     top_k = check_count_or_fraction("top_k", top_k)
     block_size = check_int("block_size", block_size, minimum=1)
+    forms = plan_forms(metas, block_size=block_size, has_top_k=top_k is not None) \
+        if forms_given else None
     window = check_int("window", window, minimum=0)
-    top_k, block_size, window = clipping.attention(top_k, block_size, window, Lq, Lk)
+    # clipped after plan_forms checked page_size % block_size on the caller's value; a paged
+    # cache's sequences reach its capacity, packed varlen sequences at most the packed length
+    top_k, block_size, window = clipping.attention(
+        top_k, block_size, window, Lq, forms.capacity if forms is not None and forms.paged
+        else Lk)
     causal = check_bool("causal", causal)
     return_indices = check_bool("return_indices", return_indices)
     return_lse = check_bool("return_lse", return_lse)
@@ -163,14 +171,21 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
         if tuple(mi.shape[:3]) != (B, Hkv, Lq):
             raise DshalValueError(f"indices must have shape [{B}, {Hkv}, {Lq}, n] (batch, kv "
                                   f"heads, queries, blocks), got {list(mi.shape)}")
+    # varlen and paged calls may align any sequence's queries off the diagonal
+    cross = Lq != Lk or (forms is not None and (forms.varlen or forms.paged))
     sig = _sig("sparse_attention", metas, _features(
         ("top_k", top_k is not None), ("indices", has_indices), ("window", window > 0),
-        ("causal", causal), ("gqa", Hq != Hkv), ("cross_length", Lq != Lk),
-        ("return_indices", return_indices), ("return_lse", return_lse)), None,
-        (("head_dim", max(D, Dv)), ("block_size", block_size), ("seq_len", max(Lq, Lk)),
+        ("causal", causal), ("gqa", Hq != Hkv), ("cross_length", cross),
+        ("return_indices", return_indices), ("return_lse", return_lse)
+        ) | (forms.features if forms is not None else frozenset()), None,
+        (("head_dim", max(D, Dv)), ("block_size", block_size),
+         ("seq_len", max(Lq, forms.capacity if forms is not None and forms.paged else Lk)),
          ("window", window)))
 
     def check(arrs: Arrays) -> None:
+        if forms is not None:
+            forms.check(arrs)
+            return
         span = arrays.value_range(arrs["indices"]) if has_indices else None
         if span is not None and (span[0] < -1 or span[1] >= n_blocks):
             raise DshalValueError(
@@ -189,6 +204,8 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
         call = AttentionCall(get("q"), get("k"), get("v"), top_k, block_size, window, causal,
                              scale, None if idx is None else arrays.cast(idx, "int64"),
                              return_indices, return_lse)
+        if forms is not None:
+            form_arrays(call, arrs)
         out, sel, lse = b.run("sparse_attention", call)
         _expect(b, "out", out, (B, Hq, Lq, Dv), dtype)
         result = [out]

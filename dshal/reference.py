@@ -62,6 +62,7 @@ __all__ = [
     "selection_scores",
     "sigmoid",
     "sparse_attention",
+    "summary_scores",
     "visible_mask",
     "window_mask",
 ]
@@ -230,6 +231,21 @@ def selection_scores(q: Any, k: Any, block_size: int, scale: float) -> np.ndarra
         return scale * (q_sum @ np.swapaxes(k_mean, -1, -2))
 
 
+def summary_scores(q: Any, block_keys: Any, scale: float) -> np.ndarray:
+    """float64 [B, Hkv, Lq, n_blocks]: selection scores from the caller's block summaries
+    (DESIGN 3.1a): ``scale * (sum over the group's query heads of q[h, i]) . block_keys[t, b]``.
+    ``block_keys`` [B, Hkv, n_blocks, D] stands in for the block means of
+    :func:`selection_scores`."""
+    q64, bk = _f64(q), _f64(block_keys)
+    B, Hq, Lq, D = q64.shape
+    Hkv = bk.shape[1]
+    if bk.ndim != 4 or bk.shape[0] != B or bk.shape[3] != D or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"block_keys must be [{B}, Hkv, n_blocks, {D}], got {bk.shape}")
+    q_sum = q64.reshape(B, Hkv, Hq // Hkv, Lq, D).sum(axis=2)
+    with np.errstate(all="ignore"):
+        return scale * (q_sum @ np.swapaxes(bk, -1, -2))
+
+
 def select_blocks(scores: Any, top_k: int | float, Lq: int, Lk: int, block_size: int,
                   causal: bool) -> np.ndarray:
     """int64 [B, Hkv, Lq, n]: the blocks each query attends through selection (DESIGN 3.1).
@@ -308,8 +324,16 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray,
 def sparse_attention(q: Any, k: Any, v: Any, *, top_k: int | float | None = None,
                      block_size: int = 64, window: int = 0, causal: bool = False,
                      scale: float | None = None, indices: Any | None = None,
+                     block_keys: Any | None = None, cu_seqlens_q: Any | None = None,
+                     cu_seqlens_k: Any | None = None, block_table: Any | None = None,
+                     seqlens_k: Any | None = None,
                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Reference sparse attention (DESIGN 3.1), in float64.
+
+    ``block_keys`` [B, Hkv, n_blocks, D] replace the block means in the selection score
+    (:func:`summary_scores`). The varlen and paged forms (``cu_seqlens_*``, ``block_table`` +
+    ``seqlens_k``, DESIGN 3.1a) run each sequence as this contiguous call:
+    :func:`dshal.reference_forms.sparse_attention_forms`.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h uses kv head
     h // (Hq // Hkv). Positions are bottom-right aligned (p = i + Lk - Lq). ``scale`` defaults
@@ -323,6 +347,14 @@ def sparse_attention(q: Any, k: Any, v: Any, *, top_k: int | float | None = None
     reach its output; a non-finite selection score (e.g. a block mean poisoned by NaN/Inf keys)
     ranks that block after every block with a finite score.
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None or block_table is not None \
+            or seqlens_k is not None:
+        from dshal.reference_forms import sparse_attention_forms
+
+        return sparse_attention_forms(
+            q, k, v, top_k=top_k, block_size=block_size, window=window, causal=causal,
+            scale=scale, indices=indices, block_keys=block_keys, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k)
     q64, k64, v64 = _f64(q), _f64(k), _f64(v)
     B, Hq, Hkv, g, Lq, Lk, D = _attention_shapes(q64, k64)
     if v64.ndim != 4 or v64.shape[:3] != (B, Hkv, Lk):
@@ -336,7 +368,8 @@ def sparse_attention(q: Any, k: Any, v: Any, *, top_k: int | float | None = None
 
     selection: np.ndarray | None = None
     if top_k is not None:
-        scores = selection_scores(q64, k64, block_size, scale)
+        scores = selection_scores(q64, k64, block_size, scale) if block_keys is None \
+            else summary_scores(q64, block_keys, scale)
         selection = select_blocks(scores, top_k, Lq, Lk, block_size, causal)
     elif indices is not None:
         idx = np.asarray(indices)

@@ -30,3 +30,18 @@ def test_memory_probe_and_table() -> None:
     text = _harness.format_table("t", _harness.table_rows(records, {"sgemm_gflops": 10.0,
                                                                      "copy_gbs": 10.0}))
     assert "2.00x vs a" in text and "GFLOP/s" in text and "GB/s" in text
+
+
+def test_quick_serving_runs_at_tiny_sizes() -> None:
+    """benchmarks/quick_serving.py prints its decode and prefill tables (toy sizes)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "quick_serving.py"),
+                          "--tiny", "--repeat", "1"], capture_output=True, text=True,
+                         timeout=600, cwd=root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("### ") == 3 and "dshal paged + block_keys" in run.stdout

@@ -435,7 +435,8 @@ def test_attention_hook_runs_in_ieee_fp32(monkeypatch):
     before = matmul.fp32_precision
     matmul.fp32_precision = "tf32"
     try:
-        assert plugin.dshal_sparse_attention_run(None) == ("out", None, None)
+        call = AttentionCall(None, None, None, None, 64, 0, False, 1.0, None, False, False)
+        assert plugin.dshal_sparse_attention_run(call) == ("out", None, None)
         assert seen == ["ieee"] and matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before

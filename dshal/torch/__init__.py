@@ -24,7 +24,7 @@ import torch
 
 from dshal import clipping
 from dshal.dtypes import PRECISIONS
-from dshal.torch import library  # registers torch.ops.dshal.*
+from dshal.torch import forms, library  # registers torch.ops.dshal.*
 from dshal.validate import check_count_or_fraction
 
 __all__ = ["gated_channels", "gemm", "quantize", "sparse_attention"]
@@ -40,8 +40,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      top_k: int | float | None = None, block_size: int = 64, window: int = 0,
                      causal: bool = False, scale: float | None = None,
                      indices: torch.Tensor | None = None, return_indices: bool = False,
-                     return_lse: bool = False, backend: str | None = None) -> Any:
-    """:func:`dshal.ops.sparse_attention` with autograd."""
+                     return_lse: bool = False, backend: str | None = None,
+                     **forms: torch.Tensor | None) -> Any:
+    """:func:`dshal.ops.sparse_attention` with autograd (the 3.1a forms through
+    :mod:`dshal.torch.forms`: varlen with autograd, paged for inference only)."""
+    if any(x is not None for x in forms.values()):
+        return _sparse_attention_forms(q, k, v, top_k=top_k, block_size=block_size,
+                                       window=window, causal=causal, scale=scale,
+                                       indices=indices, return_indices=return_indices,
+                                       return_lse=return_lse, backend=backend, **forms)
     if _concrete_ints(q.shape[2], k.shape[2], block_size, window) and block_size >= 1 \
             and window >= 0 and (top_k is None or _concrete_ints(top_k)
                                  or isinstance(top_k, float)):
@@ -55,6 +62,38 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if return_indices and top_k is None and indices is None:
         raise ValueError("return_indices=True needs top_k or indices: without a selection "
                          "there are no indices to return")
+    extra = [x for x, wanted in ((sel, return_indices), (lse, return_lse)) if wanted]
+    return (out, *extra) if extra else out
+
+
+_FORMS = ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k", "block_keys")
+
+
+def _sparse_attention_forms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                            top_k: int | float | None, block_size: int, window: int,
+                            causal: bool, scale: float | None, indices: torch.Tensor | None,
+                            return_indices: bool, return_lse: bool, backend: str | None,
+                            **given: torch.Tensor | None) -> Any:
+    unknown = set(given) - set(_FORMS)
+    if unknown:
+        raise TypeError(f"sparse_attention() got unexpected keyword arguments {sorted(unknown)}")
+    f = {n: given.get(n) for n in _FORMS}
+    paged = f["block_table"] is not None or f["seqlens_k"] is not None
+    if paged and forms.needs_grad(q, k, v):
+        raise ValueError("a paged KV cache (block_table + seqlens_k) is inference only and "
+                         "q, k or v requires grad: call it under torch.no_grad() (or detach "
+                         "them), or train with the varlen form (cu_seqlens_q + cu_seqlens_k)")
+    if return_indices and top_k is None and indices is None:
+        raise ValueError("return_indices=True needs top_k or indices: without a selection "
+                         "there are no indices to return")
+    count, fraction = _split(top_k)
+    out, sel, lse = torch.ops.dshal.sparse_attention_forms(
+        q, k, v, indices, f["cu_seqlens_q"], f["cu_seqlens_k"], f["block_table"],
+        f["seqlens_k"], f["block_keys"], count, fraction, block_size, window, causal, scale,
+        backend)
+    if return_indices and not torch.compiler.is_compiling() and sel.numel():
+        used = int((sel >= 0).sum(-1).max())
+        sel = sel[..., :used]
     extra = [x for x, wanted in ((sel, return_indices), (lse, return_lse)) if wanted]
     return (out, *extra) if extra else out
 

@@ -113,18 +113,21 @@ def block_means(k: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return sums / counts.to(cdt)[:, None]
 
 
-def select(q: torch.Tensor, k: torch.Tensor, geo: Geometry, top_k: int | float) -> torch.Tensor:
+def select(q: torch.Tensor, k: torch.Tensor, geo: Geometry, top_k: int | float,
+           summaries: torch.Tensor | None = None) -> torch.Tensor:
     """bool [B, Hkv, Lq, nb]: the forced own block plus the ``top_k`` best candidates.
 
-    Scores ``scale * (sum of the g query heads) . block mean``, ranked descending with ties to
-    the lower block, non-finite scores after every finite one (lower block first among them).
+    Scores ``scale * (sum of the g query heads) . block mean`` (or . ``summaries``
+    [B, Hkv, nb, D], the caller's block_keys), ranked descending with ties to the lower block,
+    non-finite scores after every finite one (lower block first among them).
     """
     device, cdt = q.device, compute_dtype(q.dtype)
     cand = candidates(geo, device)
     take = torch.from_numpy(np.asarray(resolve_count(top_k, cand.sum(-1).cpu().numpy())))
     take = take.to(device)
     own = own_blocks(geo, device)
-    kmean = block_means(k, geo).transpose(-1, -2)  # [B, Hkv, D, nb]
+    kmean = (block_means(k, geo) if summaries is None else summaries.to(cdt)
+             ).transpose(-1, -2)  # [B, Hkv, D, nb]
     sel = torch.zeros(geo.B, geo.Hkv, geo.Lq, geo.nb, dtype=torch.bool, device=device)
     positions = torch.arange(geo.nb, device=device)
     for i0 in range(0, geo.Lq, _SCORE_ROWS):
@@ -441,7 +444,7 @@ def _accumulate(acc: torch.Tensor, tile: Tile, part: torch.Tensor) -> None:
 def selection(call: AttentionCall, geo: Geometry) -> torch.Tensor | None:
     """The call's block selection mask, or None when it has none."""
     if call.top_k is not None and geo.nb:
-        return select(call.q, call.k, geo, call.top_k)
+        return select(call.q, call.k, geo, call.top_k, call.block_keys)
     if call.indices is not None:
         return indices_mask(call.indices, geo)
     if call.top_k is not None:  # no keys, no blocks: an empty selection

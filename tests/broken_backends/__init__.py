@@ -26,4 +26,8 @@ BROKEN = {
     "bb_nan_reaches_dq": ("backward_bugs:nan_reaches_dq", "sparse_attention_backward"),
     "bb_dv_per_query_head": ("backward_bugs:dv_per_query_head", "sparse_attention_backward"),
     "bb_lse_grad_ignored": ("backward_bugs:lse_grad_ignored", "sparse_attention_backward"),
+    "bb_varlen_boundary_off_by_one": ("varlen_boundary_off_by_one", "sparse_attention"),
+    "bb_varlen_packed_alignment": ("varlen_packed_alignment", "sparse_attention"),
+    "bb_pages_in_pool_order": ("pages_in_pool_order", "sparse_attention"),
+    "bb_block_keys_ignored": ("block_keys_ignored", "sparse_attention"),
 }

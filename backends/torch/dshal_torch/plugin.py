@@ -80,11 +80,13 @@ def dshal_call_check(signature: Signature) -> list[str]:
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
     """dshal's torch attention (:mod:`dshal.torch.attention`), its float32 products in IEEE
     fp32 whatever TF32/HF32 settings the caller made."""
+    from dshal.forms import uses_forms
     from dshal.torch.attention import sparse_attention
+    from dshal.torch.forms import sparse_attention_forms
     from dshal_torch.numerics import ieee_fp32
 
     with ieee_fp32():
-        return sparse_attention(call)
+        return sparse_attention_forms(call) if uses_forms(call) else sparse_attention(call)
 
 
 @hookimpl

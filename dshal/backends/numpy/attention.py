@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -82,26 +83,56 @@ def sparse_attention(call: AttentionCall) -> tuple[np.ndarray, np.ndarray | None
     """Run ``sparse_attention`` (DESIGN 3.1) on numpy arrays; returns ``(out, indices, lse)``."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Lq, _ = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cdt = np.dtype(np.float64 if q.dtype == np.float64 else np.float32)
+    Hkv, Dv = k.shape[1], v.shape[3]
     out = np.zeros((B, Hq, Lq, Dv), q.dtype)
     lse = np.full((B, Hq, Lq), NEG_INF, np.float32) if call.return_lse else None
+    idx = call.indices
+    tasks = [Task(q[b], k[b], v[b], None, None if idx is None else idx[b], out[b],
+                  None if lse is None else lse[b]) for b in range(B)]
+    picked = run_tasks(call, tasks)
+    indices = _pad_indices(picked, B, Hkv, Lq) if call.return_indices else None
+    return out, indices, lse
+
+
+@dataclass(slots=True)
+class Task:
+    """One independent attention problem (a batch entry, or one sequence of a varlen or paged
+    call): q [Hq, Lq, D], k [Hkv, Lk, D], v [Hkv, Lk, Dv], optional block summaries
+    [Hkv, n_blocks, D] and caller's indices [Hkv, Lq, n]; results go to the views ``out``
+    [Hq, Lq, Dv] and ``lse`` [Hq, Lq]."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    block_keys: np.ndarray | None
+    indices: np.ndarray | None
+    out: np.ndarray
+    lse: np.ndarray | None
+
+
+def run_tasks(call: AttentionCall, tasks: list[Task]) -> dict[tuple[int, int, int], np.ndarray]:
+    """Run every task (the options of ``call`` apply to each) on the units-of-work pool;
+    returns the selections by (task, kv head, first query) when ``call.return_indices``."""
+    cdt = np.dtype(np.float64 if call.q.dtype == np.float64 else np.float32)
     picked: dict[tuple[int, int, int], np.ndarray] = {}
-    threads = _workers() if B * Hq * Lq * Lk >= _THREADING_MIN else 1
-    g = Hq // Hkv if Hkv else 1
-    parts = max(-(-Lq * g // _RANGE), -(-threads // max(1, B * Hkv)))
-    step = max(1, -(-Lq // parts))
-    units = [(b, t, qa, min(Lq, qa + step))
-             for b in range(B) for t in range(Hkv) for qa in range(0, Lq, step)]
-    cache = _KVCache(call, cdt, units)
+    size = sum(x.q.shape[0] * x.q.shape[1] * x.k.shape[1] for x in tasks)
+    threads = _workers() if size >= _THREADING_MIN else 1
+    units = []
+    for n, x in enumerate(tasks):
+        Hq, Lq = x.q.shape[:2]
+        Hkv = x.k.shape[0]
+        g = Hq // Hkv if Hkv else 1
+        parts = max(-(-Lq * g // _RANGE), -(-threads // max(1, len(tasks) * Hkv)))
+        step = max(1, -(-Lq // parts))
+        units += [(n, t, qa, min(Lq, qa + step)) for t in range(Hkv) for qa in range(0, Lq, step)]
+    cache = _KVCache(call, tasks, cdt, units)
 
     def work(unit: tuple[int, int, int, int]) -> None:
         with np.errstate(all="ignore"):  # NaN/Inf inputs are legal; they must not warn
-            _unit(call, unit, cache, out, lse, picked, cdt)
+            _unit(call, tasks[unit[0]], unit, cache, picked, cdt)
 
     _parallel(work, units, threads)
-    indices = _pad_indices(picked, B, Hkv, Lq) if call.return_indices else None
-    return out, indices, lse
+    return picked
 
 
 # --- units of work and threads ----------------------------------------------------------------
@@ -186,10 +217,10 @@ def parallel_spans(fn: Callable[[int, int], None], n: int, size: int, align: int
 
 
 class _KV:
-    """Keys and values of one (batch, kv head), prepared once for all its query ranges."""
+    """Keys and values of one (task, kv head), prepared once for all its query ranges."""
 
-    def __init__(self, call: AttentionCall, b: int, t: int, cdt: np.dtype) -> None:
-        k, v = call.k[b, t], call.v[b, t]
+    def __init__(self, call: AttentionCall, task: Task, t: int, cdt: np.dtype) -> None:
+        k, v = task.k[t], task.v[t]
         self.lk, d = k.shape
         self.n_blocks = -(-self.lk // call.block_size)
         self.kx = np.empty((self.lk, d + 1), cdt)  # [keys | 1]: the column meets -reference
@@ -200,16 +231,21 @@ class _KV:
         self.vbad = ~np.isfinite(self.vt).all(axis=1)
         self.vx = np.ones((self.lk, v.shape[1] + 1), cdt)  # [values | 1], non-finite zeroed
         self.vx[:, :-1] = np.where(self.vbad[:, None], 0, self.vt) if self.vbad.any() else v
-        # scale * block means, transposed, for the selection scores (in the compute dtype)
-        self.kmean_t = (_block_means(k, call.block_size) * call.scale).T.astype(cdt) \
-            if call.top_k is not None else None
+        # scale * block means (or the caller's summaries), transposed, for the selection
+        # scores (in the compute dtype)
+        self.kmean_t = None
+        if call.top_k is not None:
+            means = _block_means(k, call.block_size) if task.block_keys is None else \
+                np.asarray(task.block_keys[t], np.float64)
+            self.kmean_t = (means * call.scale).T.astype(cdt)
 
 
 class _KVCache:
-    """Builds each (batch, kv head)'s :class:`_KV` on first use, drops it after its last unit."""
+    """Builds each (task, kv head)'s :class:`_KV` on first use, drops it after its last unit."""
 
-    def __init__(self, call: AttentionCall, cdt: np.dtype, units: list) -> None:
-        self._call, self._cdt = call, cdt
+    def __init__(self, call: AttentionCall, tasks: list[Task], cdt: np.dtype, units: list
+                 ) -> None:
+        self._call, self._tasks, self._cdt = call, tasks, cdt
         self._left = Counter((b, t) for b, t, _, _ in units)
         self._built: dict[tuple[int, int], _KV] = {}
         self._lock = threading.Lock()
@@ -218,7 +254,7 @@ class _KVCache:
         with self._lock:
             kv = self._built.get((b, t))
             if kv is None:
-                kv = self._built[b, t] = _KV(self._call, b, t, self._cdt)
+                kv = self._built[b, t] = _KV(self._call, self._tasks[b], t, self._cdt)
             return kv
 
     def done(self, b: int, t: int) -> None:
@@ -228,26 +264,25 @@ class _KVCache:
                 self._built.pop((b, t), None)
 
 
-def _unit(call: AttentionCall, unit: tuple[int, int, int, int], cache: _KVCache,
-          out: np.ndarray, lse: np.ndarray | None,
+def _unit(call: AttentionCall, task: Task, unit: tuple[int, int, int, int], cache: _KVCache,
           picked: dict[tuple[int, int, int], np.ndarray], cdt: np.dtype) -> None:
-    """Queries [qa, qz) of (batch b, kv head t): selection, attention, results in place."""
+    """Queries [qa, qz) of (task b, kv head t): selection, attention, results in place."""
     b, t, qa, qz = unit
-    Hq, Lq = call.q.shape[1], call.q.shape[2]
-    g = Hq // call.k.shape[1]
+    Hq, Lq = task.q.shape[:2]
+    g = Hq // task.k.shape[0]
     heads = slice(t * g, (t + 1) * g)
     kv = cache.get(b, t)
     try:
         off = kv.lk - Lq + qa  # key position of query qa
         sel = None
         if call.top_k is not None or call.indices is not None:
-            sel = _selection(call, b, t, qa, qz, kv)
+            sel = _selection(call, task, t, qa, qz, kv)
             if call.return_indices:
                 picked[b, t, qa] = _compact(sel)
         if kv.lk == 0 or g == 0:
             return
         every_key = call.indices is None and _selects_every_block(call.top_k, kv.n_blocks)
-        head = _Head(call, call.q[b, heads, qa:qz], kv, off, cdt)
+        head = _Head(call, task.q[heads, qa:qz], kv, off, cdt)
         head.run(sel, every_key)
         # rows with nothing allowed give 0 / -inf; rows whose allowed scores are all -inf
         # give NaN, as the softmax itself does
@@ -257,17 +292,17 @@ def _unit(call: AttentionCall, unit: tuple[int, int, int, int], cache: _KVCache,
             # a finite reference yet no mass: the scores are so large (|score| beyond 2**31
             # in log2 units) that the shift folded into the product lost the reference key
             # itself; rerun with references taken from each row's computed maxima only
-            head = _Head(call, call.q[b, heads, qa:qz], kv, off, cdt)
+            head = _Head(call, task.q[heads, qa:qz], kv, off, cdt)
             head.run(sel, every_key, own_reference=False)
             den = head.acc[..., -1:]
-        view = out[b, heads, qa:qz].transpose(1, 0, 2)
+        view = task.out[heads, qa:qz].transpose(1, 0, 2)
         np.divide(head.acc[..., :-1], den, out=view, casting="unsafe")
         view[empty] = 0
-        if lse is not None:
+        if task.lse is not None:
             row_lse = (head.m + np.log2(den[..., 0])) * _LN2
             row_lse[den[..., 0] == 0] = np.nan  # allowed keys, all scoring -inf (as out)
             row_lse[empty] = NEG_INF
-            lse[b, heads, qa:qz] = row_lse.T
+            task.lse[heads, qa:qz] = row_lse.T
     finally:
         cache.done(b, t)
 
@@ -305,25 +340,26 @@ def _block_means(kt: np.ndarray, bs: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _selection(call: AttentionCall, b: int, t: int, qa: int, qz: int, kv: _KV) -> np.ndarray:
+def _selection(call: AttentionCall, task: Task, t: int, qa: int, qz: int, kv: _KV
+               ) -> np.ndarray:
     """Blocks attended through selection by queries [qa, qz), bool [n, n_blocks] (the forced
     own block included)."""
     nb = kv.n_blocks
     sel = np.zeros((qz - qa, nb), bool)
     if call.indices is not None:
-        idx = np.asarray(call.indices[b, t, qa:qz])
+        idx = np.asarray(task.indices[t, qa:qz])
         rows, cols = np.nonzero(idx >= 0)
         sel[rows, idx[rows, cols]] = True
         return sel
     if nb == 0:
         return sel
-    bs, off = call.block_size, kv.lk - call.q.shape[2]
-    g = call.q.shape[1] // call.k.shape[1]
+    bs, off = call.block_size, kv.lk - task.q.shape[1]
+    g = task.q.shape[0] // task.k.shape[0]
     for i0 in range(qa, qz, _SELECT_ROWS):
         i1 = min(qz, i0 + _SELECT_ROWS)
         p = np.arange(i0, i1) + off
         own = np.where(p >= 0, p // bs, -1)
-        qsum = call.q[b, t * g:(t + 1) * g, i0:i1].sum(axis=0, dtype=kv.kmean_t.dtype)
+        qsum = task.q[t * g:(t + 1) * g, i0:i1].sum(axis=0, dtype=kv.kmean_t.dtype)
         part = sel[i0 - qa:i1 - qa]
         _top(qsum @ kv.kmean_t, own, call.causal, call.top_k, part)
         rows = np.nonzero(own >= 0)[0]

@@ -10,7 +10,7 @@ import os
 import platform
 from typing import Any
 
-from dshal.backends.numpy import attention, backward, gating, gemm, native
+from dshal.backends.numpy import attention, backward, decode, forms, gating, gemm, native
 from dshal.calls import AttentionBackwardCall, AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability
 from dshal.dtypes import FLOAT_DTYPES, PRECISIONS, QUANT_DTYPES
@@ -30,9 +30,9 @@ def _version() -> str:
 
 @hookimpl
 def dshal_backend_declare() -> BackendSpec:
-    """Every operator, every feature, float16..float64 (plus fp8/int8 gemm inputs); the
-    backward of sparse_attention (plugin API 2) on float16..float32 where its compiled kernel
-    is built."""
+    """Every operator, every feature (the 3.1a forms of plugin API 2 included),
+    float16..float64 (plus fp8/int8 gemm inputs); the backward of sparse_attention
+    (plugin API 2) on float16..float32 where its compiled kernel is built."""
     floats = frozenset(FLOAT_DTYPES)
 
     def cap(op: str, dtypes=floats, precisions=(), auto_order=()) -> OpCapability:
@@ -100,11 +100,14 @@ def dshal_device_probe() -> DeviceInfo:
                       details={"processor": _cpu_model(), "attention threads": threads,
                                "quantize and rounding": native.STATUS,
                                "int8 gemm products": native.INT8_STATUS,
-                               "attention backward": native.BACKWARD_STATUS})
+                               "attention backward": native.BACKWARD_STATUS,
+                               "serving decode": decode.STATUS})
 
 
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
+    if forms.uses_forms(call):
+        return forms.sparse_attention(call)
     return attention.sparse_attention(call)
 
 

@@ -1,0 +1,185 @@
+"""The varlen, paged and block_keys forms of ``sparse_attention`` in torch (DESIGN 3.1a).
+
+Two pieces:
+
+- :func:`sparse_attention_forms`, the torch backend's forward for these forms: each sequence
+  (:func:`dshal.forms.sequences`) runs as a contiguous call of :mod:`dshal.torch.attention` on
+  its query rows and its keys (gathered from its pages when paged), with its block_keys.
+- ``torch.ops.dshal.sparse_attention_forms``, the custom operator ``dshal.torch`` routes these
+  forms to, with a fake implementation (validated by the same planner as ``dshal.ops``) and
+  autograd: the backward runs ``torch.ops.dshal._sparse_attention_backward`` per sequence with
+  the forward's selection. The paged form is inference only: a call that needs its gradient
+  raises ``ValueError``; block_keys get no gradient (selection is not differentiated).
+
+Schema::
+
+    sparse_attention_forms(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_table,
+                           seqlens_k, block_keys, top_k_count, top_k_fraction, block_size,
+                           window, causal, scale, backend) -> (out, indices, lse)
+
+The returned indices are padded with -1 to a width known from shapes (so the fake tensor knows
+it): ``min(top_k + 1, n_blocks)`` for a count, ``n_blocks`` for a fraction, where n_blocks
+counts the blocks of the longest sequence the keys could hold; ``dshal.torch`` trims them to
+the widest row when it runs eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dshal import ops
+from dshal.calls import AttentionCall
+from dshal.forms import seq_keys, seq_summaries, sequences
+from dshal.torch import attention
+
+_LIB = "dshal"
+
+
+def sparse_attention_forms(call: AttentionCall) -> tuple[Any, Any, Any]:
+    """``(out, indices, lse)`` of a varlen, paged or block_keys call on torch tensors."""
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Lq, _ = q.shape
+    Hkv, page_size, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
+    picked = []
+    for s in sequences(call):
+        rows = slice(s.q0, s.q0 + s.lq)
+        bk = None if call.block_keys is None else \
+            seq_summaries(call.block_keys, s, call.block_size, page_size)[None]
+        sub = dataclasses.replace(
+            call, q=q[s.b:s.b + 1, :, rows], k=seq_keys(k, s)[None], v=seq_keys(v, s)[None],
+            indices=None if call.indices is None else call.indices[s.b:s.b + 1, :, rows],
+            block_keys=bk, cu_seqlens_q=None, cu_seqlens_k=None, block_table=None,
+            seqlens_k=None, return_lse=True)
+        o, sel, seq_lse = attention.sparse_attention(sub)
+        out[s.b, :, rows] = o[0]
+        lse[s.b, :, rows] = seq_lse[0]
+        if sel is not None:
+            picked.append((s, sel[0]))
+    indices = None
+    if call.return_indices:
+        width = max((x.shape[-1] for _, x in picked), default=0)
+        indices = torch.full((B, Hkv, Lq, width), -1, dtype=torch.int64, device=q.device)
+        for s, x in picked:
+            indices[s.b, :, s.q0:s.q0 + s.lq, :x.shape[-1]] = x
+    return out, indices, lse if call.return_lse else None
+
+
+# --- torch.ops.dshal.sparse_attention_forms ---------------------------------------------------
+
+
+def _count(count: int | None, fraction: float | None) -> int | float | None:
+    return count if count is not None else fraction
+
+
+def width_bound(k: Tensor, block_table: Tensor | None, indices: Tensor | None,
+                top_k: int | float | None, block_size: int) -> int:
+    """The width the operator pads its indices to (see the module docstring)."""
+    if indices is not None:
+        return indices.shape[-1]
+    if top_k is None:
+        return 0
+    longest = k.shape[2] * (block_table.shape[1] if block_table is not None else 1)
+    nb = -(-longest // block_size)
+    return nb if isinstance(top_k, float) else min(top_k + 1, nb)
+
+
+@torch.library.custom_op(f"{_LIB}::sparse_attention_forms", mutates_args=())
+def forms_op(q: Tensor, k: Tensor, v: Tensor, indices: Tensor | None,
+             cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+             block_table: Tensor | None, seqlens_k: Tensor | None, block_keys: Tensor | None,
+             top_k_count: int | None, top_k_fraction: float | None, block_size: int,
+             window: int, causal: bool, scale: float | None, backend: str | None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """``sparse_attention`` in a 3.1a form; always returns the selection (padded) and lse."""
+    top_k = _count(top_k_count, top_k_fraction)
+    selecting = top_k is not None or indices is not None
+    with torch.no_grad():
+        out, *sel, lse = ops.sparse_attention(
+            q.detach(), k.detach(), v.detach(), top_k=top_k, indices=indices,
+            block_size=block_size, window=window, causal=causal, scale=scale,
+            return_indices=selecting, return_lse=True, backend=backend,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+            seqlens_k=seqlens_k, block_keys=None if block_keys is None else block_keys.detach())
+    width = width_bound(k, block_table, indices, top_k, block_size)
+    if selecting:
+        (sel,) = sel
+    else:
+        sel = torch.empty(q.shape[0], k.shape[1], q.shape[2], 0, dtype=torch.int64,
+                          device=q.device)
+    if sel.shape[-1] < width:
+        sel = torch.nn.functional.pad(sel, (0, width - sel.shape[-1]), value=-1)
+    return out, sel, lse
+
+
+@forms_op.register_fake
+def _(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, block_keys,
+      top_k_count, top_k_fraction, block_size, window, causal, scale, backend):
+    from dshal.torch.library import _validate
+
+    top_k = _count(top_k_count, top_k_fraction)
+    _validate("sparse_attention", {"q": q, "k": k, "v": v, "indices": indices,
+                                   "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+                                   "block_table": block_table, "seqlens_k": seqlens_k,
+                                   "block_keys": block_keys},
+              top_k=top_k, block_size=block_size, window=window, causal=causal, scale=scale,
+              return_indices=top_k is not None or indices is not None, return_lse=True)
+    B, Hq, Lq, _ = q.shape
+    width = width_bound(k, block_table, indices, top_k, block_size)
+    return (q.new_empty(B, Hq, Lq, v.shape[3]),
+            q.new_empty(B, k.shape[1], Lq, width, dtype=torch.int64),
+            q.new_empty(B, Hq, Lq, dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output) -> None:
+    (q, k, v, indices, cu_q, cu_k, table, _, _, count, fraction, block_size, window,
+     causal, scale, _) = inputs
+    ctx.selecting = _count(count, fraction) is not None or indices is not None
+    ctx.paged = table is not None
+    ctx.options = (block_size, window, causal, scale)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, output[1], output[2])
+
+
+def _backward(ctx, grad_out, grad_indices, grad_lse):
+    if ctx.paged:
+        raise ValueError("a paged KV cache (block_table + seqlens_k) is inference only: its "
+                         "call has no backward; use the varlen form (cu_seqlens_q + "
+                         "cu_seqlens_k) to train on packed sequences")
+    q, k, v, cu_q, cu_k, sel, lse = ctx.saved_tensors
+    block_size, window, causal, scale = ctx.options
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    layout = SimpleNamespace(q=q, k=k, block_size=block_size, cu_seqlens_q=cu_q,
+                             cu_seqlens_k=cu_k, block_table=None, seqlens_k=None)
+    for s in sequences(layout):
+        rows = slice(s.q0, s.q0 + s.lq)
+        keys = slice(s.k0, s.k0 + s.lk)
+        grads = torch.ops.dshal._sparse_attention_backward(
+            _rows(grad_out, s.b, rows), _rows(grad_lse, s.b, rows), q[s.b:s.b + 1, :, rows],
+            k[s.kb:s.kb + 1, :, keys], v[s.kb:s.kb + 1, :, keys], lse[s.b:s.b + 1, :, rows],
+            _rows(sel, s.b, rows) if ctx.selecting else None, block_size, window, causal,
+            scale)
+        dq[s.b:s.b + 1, :, rows] = grads[0]
+        dk[s.kb:s.kb + 1, :, keys] += grads[1]
+        dv[s.kb:s.kb + 1, :, keys] += grads[2]
+    return dq, dk, dv, *([None] * 13)
+
+
+def _rows(x: Tensor | None, b: int, rows: slice) -> Tensor | None:
+    return None if x is None else x[b:b + 1, :, rows]
+
+
+torch.library.register_autograd(f"{_LIB}::sparse_attention_forms", _backward,
+                                setup_context=_setup)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
