@@ -140,12 +140,13 @@ def _(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, bloc
 
 def _setup(ctx, inputs, output) -> None:
     (q, k, v, indices, cu_q, cu_k, table, _, _, count, fraction, block_size, window,
-     causal, scale, _) = inputs
+     causal, scale, backend) = inputs
     ctx.selecting = _count(count, fraction) is not None or indices is not None
     ctx.paged = table is not None
     ctx.options = (block_size, window, causal, scale)
+    ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, cu_q, cu_k, output[1], output[2])
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, output[0], output[1], output[2])
 
 
 def _backward(ctx, grad_out, grad_indices, grad_lse):
@@ -153,7 +154,7 @@ def _backward(ctx, grad_out, grad_indices, grad_lse):
         raise ValueError("a paged KV cache (block_table + seqlens_k) is inference only: its "
                          "call has no backward; use the varlen form (cu_seqlens_q + "
                          "cu_seqlens_k) to train on packed sequences")
-    q, k, v, cu_q, cu_k, sel, lse = ctx.saved_tensors
+    q, k, v, cu_q, cu_k, out, sel, lse = ctx.saved_tensors
     block_size, window, causal, scale = ctx.options
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     layout = SimpleNamespace(q=q, k=k, block_size=block_size, cu_seqlens_q=cu_q,
@@ -163,9 +164,9 @@ def _backward(ctx, grad_out, grad_indices, grad_lse):
         keys = slice(s.k0, s.k0 + s.lk)
         grads = torch.ops.dshal._sparse_attention_backward(
             _rows(grad_out, s.b, rows), _rows(grad_lse, s.b, rows), q[s.b:s.b + 1, :, rows],
-            k[s.kb:s.kb + 1, :, keys], v[s.kb:s.kb + 1, :, keys], lse[s.b:s.b + 1, :, rows],
-            _rows(sel, s.b, rows) if ctx.selecting else None, block_size, window, causal,
-            scale)
+            k[s.kb:s.kb + 1, :, keys], v[s.kb:s.kb + 1, :, keys], out[s.b:s.b + 1, :, rows],
+            lse[s.b:s.b + 1, :, rows], _rows(sel, s.b, rows) if ctx.selecting else None,
+            block_size, window, causal, scale, ctx.backend)
         dq[s.b:s.b + 1, :, rows] = grads[0]
         dk[s.kb:s.kb + 1, :, keys] += grads[1]
         dv[s.kb:s.kb + 1, :, keys] += grads[2]
