@@ -24,7 +24,7 @@ from dshal import reference
 from dshal.capabilities import Signature, capability_reasons
 from dshal.errors import UnsupportedError
 from dshal.registry import Backend, registry
-from dshal_conformance import data, invalid, limits
+from dshal_conformance import data, invalid, limits, rules
 from dshal_conformance.cases import Case, fixed_cases, select
 from dshal_conformance.checks import CHECKS, Verdict
 from dshal_conformance.devices import Target
@@ -120,7 +120,8 @@ class Runner:
     def cases(self) -> list[Case]:
         """Every case of this run's mode: invalid calls, limits, fixed, then property cases."""
         return [*invalid.invalid_cases(self.dtype_of), *limits.limit_cases(self.spec),
-                *select(fixed_cases(), self.mode), *property_cases(self.mode, self.seed)]
+                *select([*fixed_cases(), *rules.cases()], self.mode),
+                *property_cases(self.mode, self.seed)]
 
     def reproduce(self, case: Case) -> str:
         """The command that reruns one case."""
@@ -135,6 +136,8 @@ class Runner:
             return invalid.build(case, rng)
         if case.kind == "limit":
             return limits.build(case)
+        if "rule" in case.params:
+            return rules.build(case.params, rng)
         return data.BUILDERS[case.op](dict(case.params), rng)
 
     # --- running ------------------------------------------------------------------------------
@@ -215,6 +218,8 @@ class Runner:
         res.digest = _digest(out)
         verdict: Verdict = CHECKS[case.op](call, out, data.case_rng(self.seed + 1, case.id),
                                            self.quantize)
+        if "rule" in case.params:
+            verdict.problems += rules.problems(case.params, call, out)
         res.measurements, res.notes = verdict.measurements, verdict.notes
         if not verdict.passed:
             res.status, res.message = FAIL, verdict.message()
