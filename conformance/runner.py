@@ -69,13 +69,22 @@ class CaseResult:
         return None if m.worst is None else {"output": m.name, **m.worst}
 
 
+def _canonical_nans(x: np.ndarray) -> np.ndarray:
+    """``x`` with every NaN one canonical NaN (payloads and signs are not results)."""
+    if x.dtype.kind in "biu":
+        return x
+    nan = np.isnan(x)
+    return np.where(nan, np.array(np.nan, x.dtype), x) if nan.any() else x
+
+
 def _digest(result: Any) -> str:
-    """sha256 of every output's dtype, shape and bytes (bitwise identity of reruns)."""
+    """sha256 of every output's dtype, shape and bytes, NaNs canonical (bitwise identity of
+    reruns, in this process or another one)."""
     h = hashlib.sha256()
     for item in result if isinstance(result, tuple) else (result,):
         if isinstance(item, np.ndarray):
             h.update(f"{item.dtype}{item.shape}".encode())
-            h.update(np.ascontiguousarray(item).tobytes())
+            h.update(np.ascontiguousarray(_canonical_nans(item)).tobytes())
         elif isinstance(item, dict):
             h.update(repr(sorted(item.items())).encode())
     return h.hexdigest()
