@@ -101,14 +101,14 @@ def sign(cert: dict[str, Any], key_path: str | Path) -> dict[str, Any]:
 def check(cert: dict[str, Any], trusted: str | Path | None) -> str:
     """Verify the signature (against ``trusted``'s public key when given); returns a line
     describing the signer, raises :class:`TrustError` when it does not verify."""
-    _, ed25519 = _crypto()
-    from cryptography.exceptions import InvalidSignature
-
     sig = cert.get("signature")
     if sig is None:
         if trusted is not None:
             raise TrustError("the certificate is not signed (--trust needs a signature)")
         return "not signed"
+    _, ed25519 = _crypto()
+    from cryptography.exceptions import InvalidSignature
+
     try:
         if sig["algorithm"] != ALGORITHM:
             raise TrustError(f"unknown signature algorithm {sig['algorithm']!r}")

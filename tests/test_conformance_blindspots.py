@@ -45,3 +45,25 @@ def test_blind_spot_now_fails_quick_certification(blind: dict[str, Backend], nam
     assert cert["verdict"] == "fail", f"{name} passed {len(results)} {op} cases"
     first = next(r for r in results if r.status == FAIL)
     assert failure_lines(cert)[0].startswith(f"{op} case {first.case.id}: ")
+
+
+def test_per_process_split_k_is_caught_in_a_fresh_process(blind: dict[str, Backend]) -> None:
+    """The backend reruns bitwise inside one process; only the fresh-process reruns see that
+    each process picks its own split (63 in 64 processes pick another factor: three fresh
+    processes miss it with probability 64**-3)."""
+    from dshal_conformance import determinism, fresh
+
+    name = "bb_split_k_per_process"
+    runner = Runner(name, seed=0, mode="full")
+    results = runner.run([c for c in runner.cases() if c.id in (
+        "gemm/basic/fp32", "gemm/long-k/fp32", "gemm/cancellation/fp32")])
+    assert results and all(r.status != FAIL for r in results)
+    for _ in range(3):
+        det = determinism.measure(runner, results)
+        if det["problems"]:
+            break
+    assert any("differ bitwise in a fresh process" in p for p in det["problems"]), det
+    assert det["per_op"]["gemm"]["class"] == "not reproducible"
+    assert len(fresh.chosen(results, "full")) == 3
+    cert = certificate.build(runner, results, det, 0.0)
+    assert cert["verdict"] == "fail"
