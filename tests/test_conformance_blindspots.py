@@ -67,3 +67,13 @@ def test_per_process_split_k_is_caught_in_a_fresh_process(blind: dict[str, Backe
     assert len(fresh.chosen(results, "full")) == 3
     cert = certificate.build(runner, results, det, 0.0)
     assert cert["verdict"] == "fail"
+
+
+def test_rule_cases_are_unique_quick_and_new() -> None:
+    from dshal_conformance import rules
+    from dshal_conformance.cases import fixed_cases
+
+    ids = [c.id for c in rules.cases()]
+    assert len(ids) == len(set(ids)) and all(c.quick for c in rules.cases())
+    assert not set(ids) & {c.id for c in fixed_cases()}
+    assert set(rules.MODULES) == {c.params["rule"] for c in rules.cases()}
