@@ -140,3 +140,13 @@ def test_reproduce_reruns_recorded_outputs(signed, tmp_path, capsys):
     wrong["cases"][0]["output_sha256"] = "0" * 64
     assert _verify(tmp_path, _reseal(wrong), "--reproduce", "8") == 1
     assert "not reproduced" in capsys.readouterr().out
+
+
+def test_keygen_refuses_to_overwrite_and_bad_keys_fail_early(keys, tmp_path, capsys):
+    assert main(["certify", "--keygen", str(keys["key"].parent)]) == 1
+    assert "not overwritten" in capsys.readouterr().out
+    assert main(["certify", "numpy", "--quick", "--sign", str(keys["pub"]),
+                 "--out", str(tmp_path)]) == 2  # a public key cannot sign
+    assert "cannot read the private key" in " ".join(capsys.readouterr().out.split())
+    assert not list(tmp_path.iterdir())
+    assert main(["certify", "numpy", "--trust", str(keys["pub"])]) == 2
