@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from dshal_conformance.runner import PASS, CaseResult, Runner, _digest
+from dshal_conformance.runner import PASS, CaseResult, Runner, output_digest
 
 #: cases per operator rerun in the fresh process
 PER_OP = {"quick": 10, "full": 40}
@@ -71,7 +71,7 @@ def compute(runner: Runner, ids: Sequence[str]) -> dict[str, str]:
             out[cid] = "unknown case id"
             continue
         try:
-            out[cid] = _digest(runner.call(case.op, runner.build(case)))
+            out[cid] = output_digest(runner.call(case.op, runner.build(case)))
         except Exception as exc:  # reported as a mismatch, never a crash
             out[cid] = f"raised {type(exc).__name__}: {exc}"
     return out

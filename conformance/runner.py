@@ -77,7 +77,7 @@ def _canonical_nans(x: np.ndarray) -> np.ndarray:
     return np.where(nan, np.array(np.nan, x.dtype), x) if nan.any() else x
 
 
-def _digest(result: Any) -> str:
+def output_digest(result: Any) -> str:
     """sha256 of every output's dtype, shape and bytes, NaNs canonical (bitwise identity of
     reruns, in this process or another one)."""
     h = hashlib.sha256()
@@ -224,7 +224,7 @@ class Runner:
             res.message = ("computed a call outside its declared capabilities ("
                            + "; ".join(capability_reasons(self.spec, sig)) + ")")
             return res
-        res.digest = _digest(out)
+        res.digest = output_digest(out)
         verdict: Verdict = CHECKS[case.op](call, out, data.case_rng(self.seed + 1, case.id),
                                            self.quantize)
         if "rule" in case.params:
@@ -265,7 +265,7 @@ class Runner:
 
     def rerun_digest(self, case: Case) -> str:
         """The digest of a second run of a case."""
-        return _digest(self.call(case.op, self.build(case)))
+        return output_digest(self.call(case.op, self.build(case)))
 
     def batch_slices(self, case: Case) -> Iterator[bool]:
         """For a case with a leading batch axis (attention's B, a batched gemm's ``a``, the
