@@ -1,4 +1,5 @@
 # make certify: set up .venv and certify every backend usable on this machine.
+# make certify-seeds: full certification of every usable CPU backend on seeds 0-4.
 # make test:    set up .venv and run the whole test suite (what CI runs), kernels-check included.
 # make kernels-check: compile every kernel for OpenCL (PoCL), CUDA sm_80/sm_90 (NVRTC) and HIP
 #               gfx90a (hipcc and hiprtc, installed with apt-get when missing); fails on any
@@ -14,7 +15,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dshal-installed
 
-.PHONY: venv test certify lint bench clean kernels-check gpu-wheels
+.PHONY: venv test certify certify-seeds lint bench clean kernels-check gpu-wheels
 
 venv: $(STAMP)
 
@@ -64,6 +65,22 @@ gpu-wheels: venv
 certify: venv
 	$(VENV)/bin/dshal info
 	$(VENV)/bin/dshal certify
+
+# every usable CPU backend (numpy, torch, opencl on PoCL), full certification on several seeds
+# (a scheduled CI job: about a minute per backend and seed; make test keeps one full run)
+CERTIFY_SEEDS ?= 0 1 2 3 4
+CPU_BACKENDS ?= numpy torch opencl
+
+certify-seeds: venv
+	@status=0; for b in $(CPU_BACKENDS); do \
+		if ! $(PY) -c "from dshal.registry import registry as r; import sys; \
+			sys.exit(not (r.backends().get('$$b') and r.backends()['$$b'].available))"; then \
+			echo "certify-seeds: $$b is not usable here, skipped"; continue; fi; \
+		for s in $(CERTIFY_SEEDS); do \
+			$(VENV)/bin/dshal certify $$b --full --seed $$s --out certificates/seed-$$s \
+				|| status=1; \
+		done; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache certificates .benchmarks .whl gpu-check

@@ -9,8 +9,11 @@ cases), :mod:`.invalid` (calls that must raise), :mod:`.limits` (calls beyond de
 :mod:`.data` (the inputs of a case), :mod:`.devices` (moving them to the backend's device),
 :mod:`.tolerance` (every bound constant, its derivation and calibration), :mod:`.gates` (the
 error gates), :mod:`.selection` (top-k validity), :mod:`.checks` (one check per operator),
-:mod:`.runner` (runs cases on a backend), :mod:`.determinism`, :mod:`.accounting`
-(capabilities, coverage, statistics), :mod:`.certificate` (JSON, digest, verification),
+:mod:`.rules` with :mod:`.exact` and :mod:`.edges` (exact rules, NaN at mask edges),
+:mod:`.runner` (runs cases on a backend), :mod:`.determinism` with :mod:`.fresh` (reruns in
+this process and a fresh one), :mod:`.accounting` (capabilities, coverage, statistics),
+:mod:`.certificate` (JSON, digest), :mod:`.verify` (reading and checking a certificate),
+:mod:`.trust` (ed25519 signatures),
 :mod:`.report` (Markdown and tables), :mod:`.cli` (``dshal certify``), :mod:`.calibrate` and
 :mod:`.pytest_plugin`.
 """
@@ -22,7 +25,7 @@ from functools import cache
 from pathlib import Path
 
 SUITE_NAME = "dshal-conformance"
-SUITE_VERSION = "1.0.0"
+SUITE_VERSION = "1.1.0"
 
 __all__ = ["SUITE_NAME", "SUITE_VERSION", "manifest_sha256"]
 

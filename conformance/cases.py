@@ -203,6 +203,9 @@ PREQUANT: tuple[tuple[str, dict[str, Any]], ...] = (
     ("prequant-row-col", dict(M=9, K=65, N=17, a_scale="row", b_scale="col")),
     ("prequant-scalar", dict(batch=[2], M=5, K=40, N=7, a_scale="tensor", b_scale="tensor")),
     ("prequant-unscaled", dict(M=5, K=33, N=9)),
+    # K = 0 with per-group scales of a: a_scale [M, 0] (no group)
+    ("prequant-no-depth", dict(M=3, K=0, N=5, group_size=32, a_scale="group",
+                               b_scale="block")),
 )
 
 #: int8 only: sums that overflow 16-bit accumulators, -128 in both operands
@@ -308,6 +311,10 @@ GATED: tuple[tuple[str, dict[str, Any]], ...] = (
                            return_mask=True)),
     ("keep-beyond-count", dict(lead=[4], C=9, keep=10**30, row_gates=True, return_mask=True)),
     ("threshold-inf", dict(lead=[4], C=9, threshold=float("-inf"), return_mask=True)),
+    # logits exactly at the threshold (strict >) and NaN logits (never open without keep)
+    ("threshold-ties", dict(lead=[6], C=24, data="ties", return_mask=True, quick="all")),
+    ("threshold-ties-soft-hard", dict(lead=[4], C=20, row_gates=True, mode="soft_hard",
+                                      threshold=1.0, data="ties", quick="all")),
     ("weight-bias", dict(lead=[17], C=65, Cout=33, bias=True, return_mask=True)),
     ("weight-nan-closed", dict(lead=[13], C=40, Cout=24, bias=True, data="nan-closed")),
     ("weight-row-gates", dict(lead=[3, 5], C=16, Cout=12, row_gates=True, bias=True,

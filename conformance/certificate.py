@@ -2,8 +2,9 @@
 that ``dshal certify --verify`` checks.
 
 The digest is sha256 over the canonical JSON of the body (sorted keys, no whitespace, ASCII)
-— every field except ``digest`` itself. Verification recomputes it and checks that the
-summary, statistics and verdict agree with the per-case records.
+— every field except ``digest`` and ``signature`` (:mod:`.trust`). Verification recomputes it
+and checks that the summary, statistics and verdict agree with the per-case records
+(:mod:`.verify` adds the structure and the per-case consistency).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def case_record(res: CaseResult, runner: Runner) -> dict[str, Any]:
     rec = {**res.case.summary(), "seed": runner.seed, "status": res.status,
            "declared": res.declared, "uses": res.uses, "ratio": res.ratio,
            "aggregate_ratio": res.agg_ratio, "seconds": round(res.seconds, 4)}
+    if res.status == PASS and res.digest and res.case.kind in ("fixed", "property"):
+        rec["output_sha256"] = res.digest  # what --verify --reproduce compares
     if res.status == FAIL:
         rec.update(message=res.message, worst=res.worst, reproduce=runner.reproduce(res.case))
     if res.reasons:
@@ -162,7 +165,7 @@ def verify(cert: dict[str, Any]) -> list[str]:
     """Problems found in a certificate: digest mismatch or internal inconsistency (empty when
     it is intact)."""
     problems = []
-    body = {k: v for k, v in cert.items() if k != "digest"}
+    body = {k: v for k, v in cert.items() if k not in ("digest", "signature")}
     seal = cert.get("digest") or {}
     if seal.get("algorithm") != "sha256":
         return [f"unknown digest algorithm {seal.get('algorithm')!r}"]

@@ -231,15 +231,19 @@ def _code_table(precision: str) -> np.ndarray:
 def _code_ratios(x: np.ndarray, scales_full: np.ndarray, got: np.ndarray, want: np.ndarray,
                  precision: str) -> np.ndarray:
     """0 where codes agree; |t - tie| / tolerance where the backend picked the neighbour of the
-    reference's code across a rounding tie of t = x / scale; inf otherwise."""
+    reference's code across a rounding tie of t = x / scale (at a scale that is not a power of
+    two, where computing t may round); inf otherwise."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         t = np.asarray(x, np.float32).astype(np.float64) / scales_full
     table = _code_table(precision)
     same = (got == want) | (np.isnan(got) & np.isnan(want))
     pos_got = np.searchsorted(table, np.nan_to_num(got))
     pos_want = np.searchsorted(table, np.nan_to_num(want))
+    # at a power-of-two scale x / scale and x * (1 / scale) are both exact: no tie tolerance,
+    # an exact tie must round to nearest even
+    inexact = np.frexp(scales_full)[0] != 0.5
     neighbour = np.isfinite(got) & (np.abs(pos_got - pos_want) == 1) & (np.abs(t) <= QMAX[
-        precision])
+        precision]) & inexact
     with np.errstate(invalid="ignore", divide="ignore"):
         near = np.abs(t - (got + want) / 2) / (tol.C_TIE * U32 * np.abs(t))
     return np.where(same, 0.0, np.where(neighbour & (near <= 1), near, np.inf))

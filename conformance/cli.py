@@ -1,7 +1,8 @@
 """``dshal certify``: certify backends and write their certificates, or verify one.
 
 Called by :func:`dshal.cli.cmd_certify` with the parsed arguments: ``backends``, ``quick``,
-``full``, ``out``, ``seed``, ``device``, ``case`` and ``verify``. Exit status: 0 when every
+``full``, ``out``, ``seed``, ``device``, ``case``, ``verify`` (with ``trust`` and
+``reproduce``), ``sign`` and ``keygen``. Exit status: 0 when every
 certification passed (or the verified certificate is intact), 1 on any failure, 2 on a usage
 error.
 """
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dshal.cli import console as wide_console
-from dshal_conformance import certificate, determinism
+from dshal_conformance import certificate, determinism, fresh, trust, verify
 from dshal_conformance.report import SUMMARY_HEADER, failure_lines, summary_rows
 from dshal_conformance.runner import CaseResult, Runner
 
@@ -38,26 +39,41 @@ def _device(text: str | None) -> int | None:
         raise ValueError(f"--device {text!r}: give a device index, e.g. 0 or cuda:1") from None
 
 
-def verify_file(path: str, console: Console) -> int:
-    """``dshal certify --verify FILE.json``."""
+def verify_file(path: str, console: Console, trusted: str | None = None,
+                reproduce: int | None = None) -> int:
+    """``dshal certify --verify FILE.json [--trust KEY.pub] [--reproduce N]``: 0 when the
+    certificate is intact, consistent (and signed by ``trusted``, and reproduced); 1 otherwise,
+    with one line per problem (a malformed file is one line, never a traceback)."""
     try:
-        cert = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        console.print(f"cannot read {path}: {exc}")
-        return 2
-    problems = certificate.verify(cert)
+        cert = verify.load(path)
+    except verify.CertificateError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return 1
+    problems = certificate.verify(cert) + verify.consistency_problems(cert)
+    try:
+        signer = trust.check(cert, trusted)
+    except trust.TrustError as exc:
+        problems.append(str(exc))
+        signer = ""
     for p in problems:
         console.print(f"[red]{p}[/]", highlight=False)
     if problems:
         return 1
-    from dshal_conformance import manifest_sha256
-
-    suite = cert["suite"]
-    same = suite["manifest_sha256"] == manifest_sha256()
-    console.print(f"{path}: intact (sha256 {cert['digest']['value']}); {cert['backend']['name']} "
-                  f"verdict {cert['verdict']}; suite {suite['version']} "
-                  f"({'the installed suite' if same else 'not the installed suite'})",
-                  highlight=False)
+    console.print(f"{path}: intact and consistent (sha256 {cert['digest']['value']}); "
+                  f"{signer}; {cert['backend']['name']} verdict {cert['verdict']}; "
+                  f"{verify.suite_note(cert)}", highlight=False)
+    if reproduce is not None:
+        try:
+            n, differ = fresh.reproduce(cert, reproduce)
+        except ValueError as exc:  # the backend is not usable here
+            console.print(f"[red]cannot reproduce: {exc}[/]", highlight=False)
+            return 1
+        for line in differ:
+            console.print(f"[red]not reproduced: {line}[/]", highlight=False)
+        console.print(f"reproduced {n - len(differ)}/{n} recorded outputs bitwise on this "
+                      "machine", highlight=False)
+        if differ:
+            return 1
     return 0
 
 
@@ -102,6 +118,8 @@ def certify(name: str, args: argparse.Namespace, console: Console) -> int:
     det = {"class": "not measured (--case)", "per_op": {}, "mismatches": [], "problems": []} \
         if ids else determinism.measure(runner, results)
     cert = certificate.build(runner, results, det, time.perf_counter() - start)
+    if getattr(args, "sign", None):
+        cert = trust.sign(cert, args.sign)
     _print_summary(cert, console)
     if ids:
         for rec in cert["cases"]:
@@ -116,8 +134,27 @@ def certify(name: str, args: argparse.Namespace, console: Console) -> int:
 def run_certify(args: argparse.Namespace) -> int:
     """Entry point of ``dshal certify``."""
     console = wide_console()
+    if getattr(args, "keygen", None):
+        try:
+            key, pub = trust.keygen(args.keygen)
+        except trust.TrustError as exc:
+            console.print(f"[red]{exc}[/]", highlight=False)
+            return 1
+        console.print(f"private key {key} (keep it secret), public key {pub} (publish it)",
+                      highlight=False)
+        return 0
     if args.verify:
-        return verify_file(args.verify, console)
+        return verify_file(args.verify, console, getattr(args, "trust", None),
+                           getattr(args, "reproduce", None))
+    if getattr(args, "trust", None) or getattr(args, "reproduce", None) is not None:
+        console.print("--trust and --reproduce go with --verify FILE.json")
+        return 2
+    if getattr(args, "sign", None):
+        try:  # a bad key fails before the run, not after it
+            trust.sign({}, args.sign)
+        except trust.TrustError as exc:
+            console.print(f"[red]{exc}[/]", highlight=False)
+            return 2
     names = list(args.backends) or _usable()
     if not names:
         console.print("no usable backend to certify (see dshal info)")

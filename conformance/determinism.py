@@ -1,8 +1,9 @@
 """Determinism, measured: bitwise reruns of passing cases, and batch invariance.
 
-Classes, strongest first: ``bitwise reproducible, batch invariant`` (reruns are bitwise equal
-and each batch element — attention's B, a batched gemm's leading axis, a row of gated_channels —
-computed alone equals its slice of the batched output),
+Classes, strongest first: ``bitwise reproducible, batch invariant`` (reruns, in this process
+and for a sample in a fresh one (:mod:`.fresh`), are bitwise equal and each batch element —
+attention's B, a batched gemm's leading axis, a row of gated_channels — computed alone equals
+its slice of the batched output),
 ``bitwise reproducible`` and ``not reproducible``. An operator declared deterministic
 (``OpCapability.deterministic``) whose reruns differ fails certification.
 """
@@ -13,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from dshal_conformance import fresh
 from dshal_conformance.runner import PASS, CaseResult, Runner
 
 #: reruns per operator in quick mode (full mode reruns every passing case)
@@ -54,6 +56,18 @@ def measure(runner: Runner, results: Sequence[CaseResult]) -> dict[str, Any]:
         if differ and cap.deterministic:
             problems.append(f"{op}: declared deterministic, but {len(differ)} of {len(group)} "
                             f"reruns differ bitwise (first: {differ[0]})")
+    elsewhere = fresh.measure(runner, results)
+    if elsewhere["error"]:
+        problems.append(f"fresh-process reruns: {elsewhere['error']}")
+    for op, row in per_op.items():
+        row["fresh_process"] = elsewhere["per_op"].get(op, "n/a")
+        differ = [i for i in elsewhere["mismatches"] if i.startswith(f"{op}/")]
+        if differ:
+            row["class"] = CLASSES[2]
+            if runner.spec.capabilities[op].deterministic:
+                problems.append(f"{op}: declared deterministic, but {len(differ)} cases differ "
+                                f"bitwise in a fresh process (first: {differ[0]})")
+    mismatches += [i for i in elsewhere["mismatches"] if i not in mismatches]
     overall = "n/a" if not per_op else _class(not mismatches, all_slices)
     return {"class": overall, "per_op": per_op, "mismatches": mismatches,
-            "problems": problems}
+            "fresh_process_reruns": elsewhere["reruns"], "problems": problems}

@@ -24,7 +24,7 @@ from dshal import reference
 from dshal.capabilities import Signature, capability_reasons
 from dshal.errors import UnsupportedError
 from dshal.registry import Backend, registry
-from dshal_conformance import data, invalid, limits
+from dshal_conformance import data, invalid, limits, rules
 from dshal_conformance.cases import Case, fixed_cases, select
 from dshal_conformance.checks import CHECKS, FORM_CALLS, Verdict
 from dshal_conformance.devices import Target
@@ -69,13 +69,22 @@ class CaseResult:
         return None if m.worst is None else {"output": m.name, **m.worst}
 
 
-def _digest(result: Any) -> str:
-    """sha256 of every output's dtype, shape and bytes (bitwise identity of reruns)."""
+def _canonical_nans(x: np.ndarray) -> np.ndarray:
+    """``x`` with every NaN one canonical NaN (payloads and signs are not results)."""
+    if x.dtype.kind in "biu":
+        return x
+    nan = np.isnan(x)
+    return np.where(nan, np.array(np.nan, x.dtype), x) if nan.any() else x
+
+
+def output_digest(result: Any) -> str:
+    """sha256 of every output's dtype, shape and bytes, NaNs canonical (bitwise identity of
+    reruns, in this process or another one)."""
     h = hashlib.sha256()
     for item in result if isinstance(result, tuple) else (result,):
         if isinstance(item, np.ndarray):
             h.update(f"{item.dtype}{item.shape}".encode())
-            h.update(np.ascontiguousarray(item).tobytes())
+            h.update(np.ascontiguousarray(_canonical_nans(item)).tobytes())
         elif isinstance(item, dict):
             h.update(repr(sorted(item.items())).encode())
     return h.hexdigest()
@@ -120,7 +129,8 @@ class Runner:
     def cases(self) -> list[Case]:
         """Every case of this run's mode: invalid calls, limits, fixed, then property cases."""
         return [*invalid.invalid_cases(self.dtype_of), *limits.limit_cases(self.spec),
-                *select(fixed_cases(), self.mode), *property_cases(self.mode, self.seed)]
+                *select([*fixed_cases(), *rules.cases()], self.mode),
+                *property_cases(self.mode, self.seed)]
 
     def reproduce(self, case: Case) -> str:
         """The command that reruns one case."""
@@ -135,6 +145,8 @@ class Runner:
             return invalid.build(case, rng)
         if case.kind == "limit":
             return limits.build(case)
+        if "rule" in case.params:
+            return rules.build(case.params, rng)
         return data.BUILDERS[case.op](dict(case.params), rng)
 
     # --- running ------------------------------------------------------------------------------
@@ -212,9 +224,11 @@ class Runner:
             res.message = ("computed a call outside its declared capabilities ("
                            + "; ".join(capability_reasons(self.spec, sig)) + ")")
             return res
-        res.digest = _digest(out)
+        res.digest = output_digest(out)
         verdict: Verdict = CHECKS[case.op](call, out, data.case_rng(self.seed + 1, case.id),
                                            self.quantize)
+        if "rule" in case.params:
+            verdict.problems += rules.problems(case.params, call, out)
         res.measurements, res.notes = verdict.measurements, verdict.notes
         if not verdict.passed:
             res.status, res.message = FAIL, verdict.message()
@@ -251,7 +265,7 @@ class Runner:
 
     def rerun_digest(self, case: Case) -> str:
         """The digest of a second run of a case."""
-        return _digest(self.call(case.op, self.build(case)))
+        return output_digest(self.call(case.op, self.build(case)))
 
     def batch_slices(self, case: Case) -> Iterator[bool]:
         """For a case with a leading batch axis (attention's B, a batched gemm's ``a``, the

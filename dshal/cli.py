@@ -253,7 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--case", action="append", metavar="ID",
                       help="run only this case (repeatable; reproduces a reported failure, "
                            "writes no certificate)")
-    cert.add_argument("--verify", metavar="FILE.json", help="check a certificate's digest")
+    cert.add_argument("--verify", metavar="FILE.json",
+                      help="check a certificate: structure, digest, consistency, signature")
+    cert.add_argument("--trust", metavar="KEY.pub",
+                      help="with --verify: require a signature by this ed25519 public key")
+    cert.add_argument("--reproduce", type=int, nargs="?", const=20, default=None, metavar="N",
+                      help="with --verify: rerun N recorded cases here (default 20) and compare "
+                           "their output digests")
+    cert.add_argument("--sign", metavar="KEY", help="sign the certificates with this ed25519 "
+                                                    "private key (see --keygen)")
+    cert.add_argument("--keygen", metavar="DIR",
+                      help="write a new signing key pair into DIR and exit")
     cert.set_defaults(func=cmd_certify)
     return parser
 

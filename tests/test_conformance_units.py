@@ -84,22 +84,33 @@ def test_aggregate_gate_catches_a_systematic_downgrade_the_element_gate_allows()
 
 @pytest.mark.parametrize("precision", ["int8", "fp8_e4m3", "fp8_e5m2"])
 def test_quantize_accepts_the_neighbour_code_only_across_a_tie(precision: str) -> None:
-    x = np.resize(data.tie_values(precision), (4, 64)).astype(np.float32)
-    x[:, 0] = x[0, 0]  # every row's group holds qmax: scale 1, the others are exact ties
+    # scale 3 (not a power of two: x / scale may round in a kernel): a tie's other code passes
+    x = 3 * np.resize(data.tie_values(precision), (4, 64)).astype(np.float32)
+    x[:, 0] = x[0, 0]  # every row's group holds 3 qmax: scale 3, the others are exact ties
     call = data.Call((x, precision), {"granularity": "row", "group_size": 64})
     values, scales = reference.quantize(x, precision, granularity="row", group_size=64)
+    assert np.all(scales == 3)
     assert checks.check_quantize(call, (values, scales), RNG).passed
     table = checks._code_table(precision)
     pos = np.searchsorted(table, values.astype(np.float64))
     other = values.copy()
     flat, codes = other.reshape(-1), pos.reshape(-1)
     at = 5  # a tie: the neighbouring code on the other side is accepted
-    neighbour = table[codes[at] + (1 if x.reshape(-1)[at] > table[codes[at]] else -1)]
+    neighbour = table[codes[at] + (1 if x.reshape(-1)[at] / 3 > table[codes[at]] else -1)]
     flat[at] = neighbour
     verdict = checks.check_quantize(call, (other, scales), RNG)
     assert verdict.passed and verdict.notes
     flat[0] = table[codes[0] - 1]  # qmax itself is no tie: any other code fails
     assert not checks.check_quantize(call, (other, scales), RNG).passed
+    # scale 1: x / scale is exact however computed, so the tie must go to the even code
+    x1 = (x / 3).astype(np.float32)
+    call1 = data.Call((x1, precision), {"granularity": "row", "group_size": 64})
+    values1, scales1 = reference.quantize(x1, precision, granularity="row", group_size=64)
+    assert np.all(scales1 == 1)
+    assert checks.check_quantize(call1, (values1, scales1), RNG).passed
+    away = values1.copy()
+    away.reshape(-1)[at] = neighbour
+    assert not checks.check_quantize(call1, (away, scales1), RNG).passed
 
 
 def _decode_call() -> data.Call:

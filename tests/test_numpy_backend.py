@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dshal import hookspec
+from dshal import hookspec, ops
 from dshal import reference as ref
 from dshal.backends.numpy import attention as attn_mod
 from dshal.backends.numpy import gating as gating_mod
@@ -621,3 +621,13 @@ def test_plugin_declares_and_probes():
                                                "float32"))
     np.testing.assert_array_equal(out, np.full((2, 2), 4, np.float32))
     assert UNIT_ROUNDOFF["fp32"] == U32
+
+
+@pytest.mark.parametrize("b_scale", [None, np.ones((1, 5), np.float32),
+                                     np.ones((0, 1), np.float32)])
+def test_gemm_int8_no_depth_with_per_group_a_scale(b_scale):
+    # a_scale [M, 0]: per-group scales of a row with no group (reshape(-1, 0) is ambiguous)
+    a, b = np.zeros((3, 0), np.int8), np.zeros((0, 5), np.int8)
+    out = ops.gemm(a, b, a_scale=np.ones((3, 0), np.float32), b_scale=b_scale,
+                         backend="numpy")
+    assert out.shape == (3, 5) and out.dtype == np.float32 and not out.any()

@@ -591,7 +591,9 @@ class _RowsOfA:
         self.stored = a.dtype in _STORAGE_PRECISION
         if self.stored:
             s = np.ones((1, 1)) if scale is None else np.asarray(scale, np.float64)
-            self.scales = s.reshape(1, 1) if s.ndim == 0 else s.reshape(-1, s.shape[-1])
+            # explicit row count: reshape(-1, 0) is ambiguous for [M, 0] (K = 0, no groups)
+            self.scales = s.reshape(1, 1) if s.ndim == 0 else s.reshape(
+                math.prod(s.shape[:-1]), s.shape[-1])
         #: scales per row: one per group of K, or one for the whole row
         self.groups = self.scales.shape[1] if self.stored else ceil_div(a.shape[1], g)
 
