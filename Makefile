@@ -19,7 +19,7 @@ STAMP := $(VENV)/.dshal-installed
 venv: $(STAMP)
 
 BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backends/cuda \
-	backends/rocm
+	backends/rocm backends/triton
 
 $(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c requirements-dev.txt \
 		$(addsuffix /pyproject.toml,$(BACKENDS))
