@@ -42,7 +42,10 @@ def gemm(call: GemmCall) -> torch.Tensor:
     out_dtype = DTYPES[call.out_dtype]
     store = torch.float32 if out_dtype == torch.float64 else out_dtype
     out = torch.empty((rows, N), dtype=store, device=a.device)
-    if rows == 0 or N == 0:
+    if rows == 0 or N == 0 or K == 0:  # an empty sum: 0, plus the bias
+        out.zero_()
+        if call.bias is not None:
+            out += call.bias.to(torch.float32).to(store)
         return out.reshape(*lead, M, N).to(out_dtype)
     if prec in QUANTIZED_PRECISIONS:
         av, sa = _operand(a, call.a_scale, prec, "row", g)

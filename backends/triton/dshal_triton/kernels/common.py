@@ -72,3 +72,14 @@ def dot_operand(x, UPCAST: tl.constexpr):
         if x.dtype == tl.bfloat16:
             x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def load_zeroed(ptrs, mask):
+    """``tl.load`` with 0 where ``mask`` is off. fp8 tiles are loaded as their bytes and
+    reinterpreted (Triton's interpreter cannot cast the 0 to fp8; the bits of +0 are 0)."""
+    ty = ptrs.dtype.element_ty
+    if ty.is_fp8():
+        raw = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=mask, other=0)
+        return raw.to(ty, bitcast=True)
+    return tl.load(ptrs, mask=mask, other=0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dshal_triton.kernels.common import dot_operand, to_precision
+from dshal_triton.kernels.common import dot_operand, load_zeroed, to_precision
 
 
 @triton.jit
@@ -65,10 +65,10 @@ def gemm_kernel(a, b, c, bias, sa, sb, M, N, K, GROUP, NG,
         for kk in range(k0, k1, BK):
             ks = kk + rk
             in_k = ks < k1
-            x = tl.load(a + rm[:, None] * s_am + ks[None, :] * s_ak,
-                        mask=in_m[:, None] & in_k[None, :], other=0)
-            y = tl.load(b + ks[:, None] * s_bk + rn[None, :] * s_bn,
-                        mask=in_k[:, None] & in_n[None, :], other=0)
+            x = load_zeroed(a + rm[:, None] * s_am + ks[None, :] * s_ak,
+                            in_m[:, None] & in_k[None, :])
+            y = load_zeroed(b + ks[:, None] * s_bk + rn[None, :] * s_bn,
+                            in_k[:, None] & in_n[None, :])
             part = _tile_dot(x, y, part, MODE, INT, UPCAST)
         if SCALED:
             row_s = tl.load(sa + rm * s_sam + gi * s_sag, mask=in_m, other=0)
