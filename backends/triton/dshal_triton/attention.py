@@ -19,8 +19,15 @@ import torch
 import triton
 
 from dshal.calls import AttentionCall, resolve_count
-from dshal.torch.attention import (Geometry, block_means, candidates, indices_mask,
-                                   mask_to_indices, own_blocks, pick)
+from dshal.torch.attention import (
+    Geometry,
+    block_means,
+    candidates,
+    indices_mask,
+    mask_to_indices,
+    own_blocks,
+    pick,
+)
 from dshal_triton import config
 from dshal_triton.device import upcast_bf16
 from dshal_triton.kernels.attention import LOG2E, attention_fwd_kernel, block_scores_kernel

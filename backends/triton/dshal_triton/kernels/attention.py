@@ -25,7 +25,7 @@ import triton.language as tl
 from dshal_triton.kernels.common import dot_operand
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

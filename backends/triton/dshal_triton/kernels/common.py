@@ -24,7 +24,7 @@ IEEE, TF32, BF16, FP16, STORED = 0, 1, 2, 3, 4
 
 #: 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude <= 2**22 to an integer,
 #: ties to even
-RINT = 12582912.0
+RINT = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def to_precision(x, MODE: tl.constexpr):
 @triton.jit
 def dot_operand(x, UPCAST: tl.constexpr):
     """``x`` for ``tl.dot``: bfloat16 upcast to float32 under the interpreter (see above)."""
-    if UPCAST:
+    if UPCAST:  # noqa: SIM102 (two constexpr tests: a combined one is a runtime and)
         if x.dtype == tl.bfloat16:
             x = x.to(tl.float32)
     return x
@@ -80,6 +80,7 @@ def load_zeroed(ptrs, mask):
     reinterpreted (Triton's interpreter cannot cast the 0 to fp8; the bits of +0 are 0)."""
     ty = ptrs.dtype.element_ty
     if ty.is_fp8():
-        raw = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=mask, other=0)
-        return raw.to(ty, bitcast=True)
-    return tl.load(ptrs, mask=mask, other=0)
+        x = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=mask, other=0).to(ty, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0)
+    return x

@@ -24,8 +24,10 @@ def _encode(v, QMAX: tl.constexpr, INT: tl.constexpr, MANT: tl.constexpr,
             EMIN: tl.constexpr, out_ty: tl.constexpr):
     v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
     if INT:
-        return ((v + RINT) - RINT).to(out_ty)
-    return round_fp8_grid(v, MANT, EMIN).to(out_ty, fp_downcast_rounding="rtne")
+        code = ((v + RINT) - RINT).to(out_ty)
+    else:
+        code = round_fp8_grid(v, MANT, EMIN).to(out_ty, fp_downcast_rounding="rtne")
+    return code
 
 
 @triton.jit
@@ -68,10 +70,11 @@ def quantize_kernel(x, out, scales, R, C, GH, GW, s_xr, s_xc, s_or, s_oc, s_sr, 
             cs = cc + cb
             m = (rows < r1)[:, None] & (cs < c1)[None, :]
             t = tl.load(x + rows[:, None] * s_xr + cs[None, :] * s_xc, mask=m, other=0)
+            t32 = t.to(tl.float32)
             if PER_ROW:
-                v = tl.math.div_rn(t.to(tl.float32), scale[:, None] + tl.zeros_like(t).to(tl.float32))
+                v = tl.math.div_rn(t32, scale[:, None] + tl.zeros_like(t32))
             else:
-                v = tl.math.div_rn(t.to(tl.float32), tl.zeros_like(t).to(tl.float32) + scale)
+                v = tl.math.div_rn(t32, tl.zeros_like(t32) + scale)
             code = _encode(v, QMAX, INT, MANT, EMIN, out.dtype.element_ty)
             tl.store(out + rows[:, None] * s_or + cs[None, :] * s_oc, code, mask=m)
 
