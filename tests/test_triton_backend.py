@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("dshal_triton")
 
-from dshal.capabilities import DeviceInfo, Signature  # noqa: E402
-from dshal_triton import device  # noqa: E402
+from dshal.capabilities import DeviceInfo, Signature
+from dshal_triton import device
 
 ENV = {**os.environ, "DSHAL_TRITON_INTERPRET": "1", "TRITON_INTERPRET": "1"}
 
@@ -61,7 +61,8 @@ def mm(a, b, c, N: tl.constexpr, UPCAST: tl.constexpr):
     r = tl.arange(0, N)
     x = tl.load(a + r[:, None] * N + r[None, :])
     y = tl.load(b + r[:, None] * N + r[None, :])
-    tl.store(c + r[:, None] * N + r[None, :], tl.dot(dot_operand(x, UPCAST), dot_operand(y, UPCAST)))
+    z = tl.dot(dot_operand(x, UPCAST), dot_operand(y, UPCAST))
+    tl.store(c + r[:, None] * N + r[None, :], z)
 
 torch.manual_seed(0)
 a = torch.randn(64, 64).bfloat16(); b = torch.randn(64, 64).bfloat16()
