@@ -1,7 +1,7 @@
 """``dshal certify triton --quick`` passes under Triton's interpreter on torch CPU tensors
 (DSHAL_TRITON_INTERPRET=1): every kernel of the backend (gemm in every precision, quantize,
 the gated linear, selection scores and sparse attention) certified without a GPU, through the
-ordinary certify path (about 6 minutes on 2 cores: the interpreter runs each program in
+ordinary certify path (6-7 minutes on 2 cores: the interpreter runs each program in
 Python). Coverage: the quick case set (docs/backends.md, the triton section)."""
 
 from __future__ import annotations
