@@ -6,7 +6,9 @@ programs ordered in groups of GM tile rows so neighbouring programs share A and 
 K is walked one scale group at a time (``GROUP`` columns, ``NG`` groups): each group's product
 is accumulated on the tensor cores in a fresh fp32 (int32 for int8: exact) tile, then scaled by
 the rows' a scales and the columns' b scales of that group and added to the fp32 result on the
-CUDA cores. This is DeepGEMM's promotion of fp8 partial sums every 128 K, and it applies
+CUDA cores. This is DeepGEMM's promotion of fp8 partial sums every 128 K (and Hopper's fp8
+``wgmma`` partial sums are promoted to fp32 after every instruction, where Triton's default
+lets them stay in the reduced-precision accumulator for 2**30 terms), and it applies
 DESIGN 3.2's 1 x g activation and g x g weight scales exactly. Unscaled precisions use one
 group spanning K.
 """
@@ -17,6 +19,11 @@ import triton
 import triton.language as tl
 
 from dshal_triton.kernels.common import dot_operand, load_zeroed, to_precision
+
+#: fp8 products Hopper's wgmma may sum in its reduced-precision accumulator before they are
+#: added to the fp32 one: one instruction's K (32). 0 (promote always) makes Triton drop wgmma
+#: altogether (make kernels-check shows it); Triton's default is 2**30 (never promote)
+IMPRECISE = tl.constexpr(32)
 
 
 @triton.jit
@@ -30,8 +37,8 @@ def _tile_dot(x, y, part, MODE: tl.constexpr, INT: tl.constexpr, UPCAST: tl.cons
         part = tl.dot(x, y, part, input_precision="ieee")
     elif MODE == 1:
         part = tl.dot(x, y, part, input_precision="tf32")
-    else:
-        part = tl.dot(x, y, part)
+    else:  # fp8 on sm_90: promote to fp32 after every instruction (IMPRECISE)
+        part = tl.dot(x, y, part, max_num_imprecise_acc=IMPRECISE)
     return part
 
 
