@@ -3,7 +3,8 @@
 # make test:    set up .venv and run the whole test suite (what CI runs), kernels-check included.
 # make kernels-check: compile every kernel for OpenCL (PoCL), CUDA sm_80/sm_90 (NVRTC) and HIP
 #               gfx90a (hipcc and hiprtc, installed with apt-get when missing); fails on any
-#               error.
+#               error; then every Triton kernel of backends/triton ahead of time for sm_80,
+#               sm_90 and gfx942, failing where a tensor-core variant has no mma/wgmma/mfma.
 # make gpu-wheels: fill .whl/ with the pure-Python wheels benchmarks/gpu/check.sh installs on
 #               an offline GPU machine (ml_dtypes for CPython 3.10-3.13, rich, threadpoolctl,
 #               hypothesis and their dependencies); carry .whl/ along with the checkout.
@@ -20,7 +21,7 @@ STAMP := $(VENV)/.dshal-installed
 venv: $(STAMP)
 
 BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backends/cuda \
-	backends/rocm
+	backends/rocm backends/triton
 
 $(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c \
 		dshal/backends/numpy/_backward.c dshal/backends/numpy/_exp2.h \
@@ -40,6 +41,7 @@ kernels-check: venv
 	@command -v hipcc >/dev/null || (apt-get update -qq && apt-get install -y -qq hipcc) \
 		|| echo "kernels-check: hipcc is missing and could not be installed (apt-get install -y hipcc): the HIP target will FAIL" >&2
 	$(PY) -m dshal_kernels.check
+	$(PY) -m dshal_triton.aot
 
 test: venv lint kernels-check
 	$(PY) -m pytest -q -n 2 --dist loadgroup

@@ -129,25 +129,34 @@ def select(q: torch.Tensor, k: torch.Tensor, geo: Geometry, top_k: int | float,
     kmean = (block_means(k, geo) if summaries is None else summaries.to(cdt)
              ).transpose(-1, -2)  # [B, Hkv, D, nb]
     sel = torch.zeros(geo.B, geo.Hkv, geo.Lq, geo.nb, dtype=torch.bool, device=device)
-    positions = torch.arange(geo.nb, device=device)
     for i0 in range(0, geo.Lq, _SCORE_ROWS):
         i1 = min(geo.Lq, i0 + _SCORE_ROWS)
         qs = q[:, :, i0:i1].to(cdt).reshape(geo.B, geo.Hkv, geo.g, i1 - i0, geo.D).sum(dim=2)
         scores = geo.scale * (qs @ kmean)  # [B, Hkv, rows, nb]
-        c = cand[i0:i1]
-        good = c & torch.isfinite(scores)
-        # rank: stable sort by score (descending), then stable sort by class (good first, then
-        # non-finite candidates, then non-candidates): ties keep the lower block first
-        by_score = torch.sort(torch.where(good, scores, 0), dim=-1, descending=True,
-                              stable=True).indices
-        klass = torch.where(good, 0, torch.where(c, 1, 2)).expand_as(scores)
-        by_class = torch.sort(klass.gather(-1, by_score), dim=-1, stable=True).indices
-        order = by_score.gather(-1, by_class)
-        rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
-        picked = c & (rank < take[i0:i1, None])
-        picked |= positions[None, :] == own[i0:i1, None]
-        sel[:, :, i0:i1] = picked
+        sel[:, :, i0:i1] = pick(scores, cand[i0:i1], take[i0:i1], own[i0:i1])
     return sel
+
+
+def pick(scores: torch.Tensor, cand: torch.Tensor, take: torch.Tensor, own: torch.Tensor
+         ) -> torch.Tensor:
+    """bool [..., rows, nb]: the forced own block plus the ``take`` best candidates of each row
+    of ``scores`` [..., rows, nb] (``cand`` [rows, nb], ``take`` and ``own`` [rows]), ranked
+    descending with ties to the lower block, non-finite scores after every finite one (lower
+    block first among them). Shared with backends that compute the scores in their own
+    kernels (dshal-triton)."""
+    positions = torch.arange(scores.shape[-1], device=scores.device)
+    good = cand & torch.isfinite(scores)
+    # rank: stable sort by score (descending), then stable sort by class (good first, then
+    # non-finite candidates, then non-candidates): ties keep the lower block first
+    by_score = torch.sort(torch.where(good, scores, 0), dim=-1, descending=True,
+                          stable=True).indices
+    klass = torch.where(good, 0, torch.where(cand, 1, 2)).expand_as(scores)
+    by_class = torch.sort(klass.gather(-1, by_score), dim=-1, stable=True).indices
+    order = by_score.gather(-1, by_class)
+    rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
+    picked = cand & (rank < take[:, None])
+    picked |= positions[None, :] == own[:, None]
+    return picked
 
 
 def indices_mask(indices: torch.Tensor, geo: Geometry) -> torch.Tensor:
