@@ -190,13 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     depth = cert.add_mutually_exclusive_group()
     depth.add_argument("--quick", action="store_true", help="fewer cases (about 2 minutes)")
     depth.add_argument("--full", action="store_true", help="every case (the default)")
-    cert.add_argument("--out", default="certificates", help="directory for certificates")
+    cert.add_argument("--out", default="certificates",
+                      help="directory for certificates; {rank}, {local_rank} and {host} are "
+                           "replaced (torchrun's RANK, LOCAL_RANK; the host name)")
     cert.add_argument("--seed", type=int, default=0)
-    cert.add_argument("--device", default=None, help="device id passed to the backend")
+    cert.add_argument("--device", default=None,
+                      help="device id passed to the backend ({local_rank} is replaced)")
     cert.add_argument("--case", action="append", metavar="ID",
                       help="run only this case (repeatable; reproduces a reported failure, "
                            "writes no certificate)")
     cert.add_argument("--verify", metavar="FILE.json", help="check a certificate's digest")
+    cert.add_argument("--merge", nargs="+", metavar="FILE.json",
+                      help="check a fleet's certificates (one per node) and print one row "
+                           "per node; fails when any failed or same-version nodes disagree")
     cert.set_defaults(func=cmd_certify)
     return parser
 
