@@ -111,6 +111,12 @@ def test_sliding_window_model():
     ref, got = _both(model, lambda m: m.generate(ids[:, :10], max_new_tokens=6,
                                                   do_sample=False))
     assert torch.equal(got, ref)
+    mask = torch.ones_like(ids[:, :12])
+    mask[1, :4] = 0  # left padding and the window together, in prefill and decode
+    padded = ids[:, :12] * mask
+    ref, got = _both(model, lambda m: m.generate(padded, attention_mask=mask,
+                                                  max_new_tokens=8, do_sample=False), SPARSE)
+    assert torch.equal(got, ref)
 
 
 @torch.no_grad()
