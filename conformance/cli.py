@@ -2,7 +2,8 @@
 
 Called by :func:`dshal.cli.cmd_certify` with the parsed arguments: ``backends``, ``quick``,
 ``full``, ``out``, ``seed``, ``device``, ``case``, ``verify`` (with ``trust`` and
-``reproduce``), ``sign`` and ``keygen``. Exit status: 0 when every
+``reproduce``), ``sign``, ``keygen`` and ``merge`` (a fleet's certificates,
+:mod:`dshal_conformance.fleet`). Exit status: 0 when every
 certification passed (or the verified certificate is intact), 1 on any failure, 2 on a usage
 error.
 """
@@ -11,17 +12,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dshal.cli import console as wide_console
-from dshal_conformance import certificate, determinism, fresh, trust, verify
+from dshal_conformance import certificate, determinism, fleet, fresh, trust, verify
 from dshal_conformance.report import SUMMARY_HEADER, failure_lines, summary_rows
 from dshal_conformance.runner import CaseResult, Runner
+
+
+def expand(text: str | None) -> str | None:
+    """``text`` with ``{rank}``, ``{local_rank}`` and ``{host}`` replaced (torchrun's
+    ``RANK`` and ``LOCAL_RANK``, 0 without them; the host name), so every rank of a fleet
+    run writes its own certificate."""
+    if text is None:
+        return None
+    env = os.environ
+    return text.format(rank=env.get("RANK", "0"), local_rank=env.get("LOCAL_RANK", "0"),
+                       host=socket.gethostname())
+
+
+def merge_files(paths: list[str], console: Console) -> int:
+    """``dshal certify --merge FILE...``: 0 when the fleet passes."""
+    nodes, problems, kinds = fleet.merge(paths)
+    table = Table(title=f"fleet: {len(nodes)} certificates: "
+                        f"{'FAIL' if problems else 'PASS'}")
+    columns = ("node", "certificate", "device", "backend", "result", "determinism")
+    for col in columns:
+        table.add_column(col)
+    for n in nodes:
+        row = n.row()
+        table.add_row(*(row[c] for c in columns))
+    console.print(table)
+    compared = " and ".join(sorted(kinds)) or "nothing (no two nodes share a backend version)"
+    note = "" if kinds != {"error ratios"} else \
+        " (these certificates record no per-case output digests)"
+    console.print(f"deterministic cases compared by {compared}{note}", highlight=False)
+    for p in problems:
+        console.print(f"[red]{escape(p)}[/]", highlight=False)
+    return 1 if problems else 0
 
 
 def _usable() -> list[str]:
@@ -155,6 +191,9 @@ def run_certify(args: argparse.Namespace) -> int:
         except trust.TrustError as exc:
             console.print(f"[red]{exc}[/]", highlight=False)
             return 2
+    if getattr(args, "merge", None):
+        return merge_files(args.merge, console)
+    args.out, args.device = expand(args.out), expand(args.device)
     names = list(args.backends) or _usable()
     if not names:
         console.print("no usable backend to certify (see dshal info)")

@@ -20,6 +20,7 @@ from dshal.errors import DshalTypeError, DshalValueError
 TORCH_DEVICE_TYPES = {"cpu": 1, "cuda": 2, "mps": 8, "xpu": 14, "meta": 1000, "npu": 1001,
                       "privateuseone": 1002, "hpu": 1003, "mtia": 1004}
 _INT_VIEW = {1: "uint8", 2: "int16"}
+_NARROW_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 _HOST = (CPU, 0)
 
 
@@ -119,7 +120,7 @@ def _torch_to_numpy(t) -> np.ndarray:
     if t.device.type != "cpu":
         t = t.cpu()
     name = _dtype_str(t.dtype)
-    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+    if name in _NARROW_FLOATS:
         import torch
 
         size = t.element_size()
@@ -134,10 +135,18 @@ def _numpy_to_torch(a: np.ndarray):
     if any(s < 0 for s in a.strides):  # a copy: ascontiguousarray keeps a negative stride
         a = a.copy()  # on a length-1 axis, which torch.from_numpy refuses
     name = _dtype_str(a.dtype)
-    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+    if name in _NARROW_FLOATS:
         raw = torch.from_numpy(a.view(_INT_VIEW[a.dtype.itemsize]))
         return raw.view(getattr(torch, name))
     return torch.from_numpy(a)
+
+
+def _dlpack_to_numpy(x: Any) -> np.ndarray:
+    """A DLPack producer's array in numpy; bfloat16 and float8 (which numpy's DLPack import
+    does not know) through the producer's ``__array__`` (jax gives ml_dtypes arrays)."""
+    if _dtype_str(x.dtype) in _NARROW_FLOATS and hasattr(x, "__array__"):
+        return np.asarray(x)
+    return np.from_dlpack(x)
 
 
 def to_kind(x: Any, kind: str) -> Any:
@@ -152,7 +161,7 @@ def to_kind(x: Any, kind: str) -> Any:
             import cupy
 
             return cupy.asnumpy(x)
-        return np.from_dlpack(x)
+        return _dlpack_to_numpy(x)
     if kind == "torch":
         if lib == "numpy":
             return _numpy_to_torch(x)
@@ -185,7 +194,10 @@ def from_kind(y: Any, library: str, like: Any) -> Any:
             return to_kind(y, "cupy")
     namespace = getattr(like, "__array_namespace__", None)
     if namespace is not None:
-        return namespace().from_dlpack(y if kind == "numpy" else to_kind(y, "numpy"))
+        host = y if kind == "numpy" else to_kind(y, "numpy")
+        if _dtype_str(host.dtype) in _NARROW_FLOATS:  # numpy cannot export them by DLPack
+            return namespace().asarray(host)
+        return namespace().from_dlpack(host)
     return to_kind(y, "numpy")
 
 
@@ -204,7 +216,7 @@ def all_finite(x: Any) -> bool:
 
         return bool(cupy.isfinite(x).all())
     if lib == "dlpack":
-        x = np.from_dlpack(x)
+        x = _dlpack_to_numpy(x)
     if x.size == 0:
         return True
     # min/max propagate NaN and expose +-Inf without allocating a mask the size of x

@@ -247,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--full", action="store_true", help="every case (the default)")
     cert.add_argument("--out", default="certificates",
                       help="directory the certificates are written to, one JSON and one "
-                           "Markdown file per backend (default: ./certificates)")
+                           "Markdown file per backend (default: ./certificates); {rank}, "
+                           "{local_rank} and {host} are replaced (torchrun's RANK, "
+                           "LOCAL_RANK; the host name)")
     cert.add_argument("--seed", type=int, default=0)
-    cert.add_argument("--device", default=None, help="device id passed to the backend")
+    cert.add_argument("--device", default=None,
+                      help="device id passed to the backend ({local_rank} is replaced)")
     cert.add_argument("--case", action="append", metavar="ID",
                       help="run only this case (repeatable; reproduces a reported failure, "
                            "writes no certificate)")
@@ -264,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "private key (see --keygen)")
     cert.add_argument("--keygen", metavar="DIR",
                       help="write a new signing key pair into DIR and exit")
+    cert.add_argument("--merge", nargs="+", metavar="FILE.json",
+                      help="check a fleet's certificates (one per node) and print one row "
+                           "per node; fails when any failed or same-version nodes disagree")
     cert.set_defaults(func=cmd_certify)
     return parser
 
