@@ -141,6 +141,27 @@ KERNEL void attn_prep(GLOBAL const X_T* RESTRICT k, GLOBAL const X_T* RESTRICT v
             vf[((i64)bh * Lk + j) * DV + e] = X_LOAD(v[((i64)bh * Lk + j) * DV + e]);
 }
 
+/* the keys query i may attend besides its selected blocks: keys [0, vis) are visible (causal),
+ * the window (or, with neither window nor selection, every visible key) is [w0, w1) */
+typedef struct {
+    int vis, w0, w1;
+} attn_span;
+
+DEVICE attn_span attn_span_of(int i, int Lq, int Lk, int window, int causal) {
+    attn_span sp;
+    int p = i + Lk - Lq;
+    sp.vis = causal ? MIN(p + 1, Lk) : Lk;
+    sp.w0 = 0;
+    sp.w1 = 0;
+    if (window > 0) {
+        sp.w0 = MAX(0, p - window + 1);
+        sp.w1 = MAX(sp.w0, MIN(sp.vis, p + window));
+    } else if (!HAS_SEL) {
+        sp.w1 = MAX(sp.vis, 0); /* dense */
+    }
+    return sp;
+}
+
 typedef struct {
     float q[HPW][D], acc[HPW][DV], m[HPW], l[HPW];
     int seen;
@@ -223,15 +244,8 @@ KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT 
         st.l[h] = 0.0f;
     }
     st.seen = 0;
-    int p = i + Lk - Lq;
-    int vis = causal ? MIN(p + 1, Lk) : Lk; /* keys [0, vis) are visible */
-    int w0 = 0, w1 = 0;                      /* the window's keys [w0, w1) */
-    if (window > 0) {
-        w0 = MAX(0, p - window + 1);
-        w1 = MAX(w0, MIN(vis, p + window));
-    } else if (!HAS_SEL) {
-        w1 = MAX(vis, 0); /* dense */
-    }
+    attn_span sp = attn_span_of(i, Lq, Lk, window, causal);
+    int vis = sp.vis, w0 = sp.w0, w1 = sp.w1;
     attend(&st, kb, vb, w0, w1, scale);
 #if HAS_SEL
     GLOBAL const uchar* m = mask + ((i64)bh * Lq + i) * nb;
@@ -254,4 +268,156 @@ KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT 
             lse[row] = r;
         }
     }
+}
+
+/* ---- the backward (DESIGN 3.1b): gradients over the forward's allowed keys only ----
+ *
+ * attn_bwd_delta: delta = rowsum(dout * out) - grad_lse (FlashAttention-2's D; the lse term
+ * folds in because d lse / d s_j = p_j). attn_bwd_dq: one work-item per (query, kv head, tile
+ * of HPW query heads) walks the query's allowed keys as attn_fwd does, recomputing
+ * p = exp(scale q.k - lse) and ds = p (dout.v - delta). attn_bwd_dkv: one work-item per
+ * (key, kv head) visits every query (and each of the g heads) whose allowed set holds the key
+ * and sums dv += p dout, dk += ds q. Keys outside a query's allowed set are never read for it,
+ * rows with nothing allowed (lse = -inf) add nothing; float32 throughout, gradients stored in
+ * X_T. The selection is the mask of attn_idx_mask. */
+
+/* delta [rows] of rows = B*Hq*Lq (out, dout [rows, DV]; glse [rows] when has_glse) */
+KERNEL void attn_bwd_delta(GLOBAL const X_T* RESTRICT out, GLOBAL const X_T* RESTRICT dout,
+                           GLOBAL const float* RESTRICT glse, int has_glse,
+                           GLOBAL float* RESTRICT delta, int rows) {
+    int r = GLOBAL_ID(0);
+    if (r >= rows) return;
+    float s = 0.0f;
+    for (int e = 0; e < DV; e++)
+        s += X_LOAD(dout[(i64)r * DV + e]) * X_LOAD(out[(i64)r * DV + e]);
+    delta[r] = has_glse ? s - glse[r] : s;
+}
+
+typedef struct {
+    float q[HPW][D], go[HPW][DV], dq[HPW][D], lse[HPW], delta[HPW];
+} bwd_state;
+
+/* add the keys [j0, j1) of one (batch, kv head) into dq of the state's HPW heads */
+DEVICE void bwd_dq_keys(bwd_state* st, GLOBAL const X_T* RESTRICT kb,
+                        GLOBAL const X_T* RESTRICT vb, int j0, int j1, float scale) {
+    for (int j = j0; j < j1; j++) {
+        GLOBAL const X_T* kr = kb + (i64)j * D;
+        GLOBAL const X_T* vr = vb + (i64)j * DV;
+        float s[HPW], dp[HPW];
+        for (int h = 0; h < HPW; h++) {
+            s[h] = 0.0f;
+            dp[h] = 0.0f;
+        }
+        for (int d = 0; d < D; d++) {
+            float kd = X_LOAD(kr[d]);
+            for (int h = 0; h < HPW; h++) s[h] += st->q[h][d] * kd;
+        }
+        for (int e = 0; e < DV; e++) {
+            float ve = X_LOAD(vr[e]);
+            for (int h = 0; h < HPW; h++) dp[h] += st->go[h][e] * ve;
+        }
+        for (int h = 0; h < HPW; h++) {
+            float p = st->lse[h] == -DSHAL_INF ? 0.0f : EXPF(s[h] * scale - st->lse[h]);
+            s[h] = p * (dp[h] - st->delta[h]); /* ds */
+        }
+        for (int d = 0; d < D; d++) {
+            float kd = X_LOAD(kr[d]);
+            for (int h = 0; h < HPW; h++) st->dq[h][d] += s[h] * kd;
+        }
+    }
+}
+
+/* dq [B, Hq, Lq, D] for query GLOBAL_ID(0) and head tile GLOBAL_ID(1), tiles as attn_fwd */
+KERNEL void attn_bwd_dq(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
+                        GLOBAL const X_T* RESTRICT v, GLOBAL const X_T* RESTRICT dout,
+                        GLOBAL const float* RESTRICT lse, GLOBAL const float* RESTRICT delta,
+                        GLOBAL const uchar* RESTRICT mask, GLOBAL X_T* RESTRICT dq, int BH,
+                        int g, int Lq, int Lk, int nb, int bs, int window, int causal,
+                        float scale) {
+    int i = GLOBAL_ID(0), tile = GLOBAL_ID(1);
+    int tiles = g / HPW, bh = tile / tiles;
+    if (i >= Lq || bh >= BH) return;
+    int h0 = bh * g + (tile % tiles) * HPW;
+    GLOBAL const X_T* kb = k + (i64)bh * Lk * D;
+    GLOBAL const X_T* vb = v + (i64)bh * Lk * DV;
+    bwd_state st;
+    int any = 0;
+    for (int h = 0; h < HPW; h++) {
+        i64 row = (i64)(h0 + h) * Lq + i;
+        for (int d = 0; d < D; d++) {
+            st.q[h][d] = X_LOAD(q[row * D + d]);
+            st.dq[h][d] = 0.0f;
+        }
+        for (int e = 0; e < DV; e++) st.go[h][e] = X_LOAD(dout[row * DV + e]);
+        st.lse[h] = lse[row];
+        st.delta[h] = delta[row];
+        any |= st.lse[h] != -DSHAL_INF;
+    }
+    if (any) {
+        attn_span sp = attn_span_of(i, Lq, Lk, window, causal);
+        bwd_dq_keys(&st, kb, vb, sp.w0, sp.w1, scale);
+#if HAS_SEL
+        GLOBAL const uchar* m = mask + ((i64)bh * Lq + i) * nb;
+        for (int b = 0; b < nb; b++) {
+            if (!m[b]) continue;
+            int j0 = b * bs, j1 = MIN(sp.vis, j0 + bs);
+            bwd_dq_keys(&st, kb, vb, j0, MIN(j1, sp.w0), scale);
+            bwd_dq_keys(&st, kb, vb, MAX(j0, sp.w1), j1, scale);
+        }
+#endif
+    }
+    for (int h = 0; h < HPW; h++) {
+        i64 row = (i64)(h0 + h) * Lq + i;
+        for (int d = 0; d < D; d++) dq[row * D + d] = X_STORE(st.dq[h][d] * scale);
+    }
+}
+
+/* dk [B, Hkv, Lk, D], dv [B, Hkv, Lk, DV] of key GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1) */
+KERNEL void attn_bwd_dkv(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
+                         GLOBAL const X_T* RESTRICT v, GLOBAL const X_T* RESTRICT dout,
+                         GLOBAL const float* RESTRICT lse, GLOBAL const float* RESTRICT delta,
+                         GLOBAL const uchar* RESTRICT mask, GLOBAL X_T* RESTRICT dk,
+                         GLOBAL X_T* RESTRICT dv, int BH, int g, int Lq, int Lk, int nb, int bs,
+                         int window, int causal, float scale) {
+    int j = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (j >= Lk || bh >= BH) return;
+    i64 key = (i64)bh * Lk + j;
+    float kj[D], vj[DV], gk[D], gv[DV];
+    for (int d = 0; d < D; d++) {
+        kj[d] = X_LOAD(k[key * D + d]);
+        gk[d] = 0.0f;
+    }
+    for (int e = 0; e < DV; e++) {
+        vj[e] = X_LOAD(v[key * DV + e]);
+        gv[e] = 0.0f;
+    }
+    /* the queries that can see key j (query i sits at key position i + Lk - Lq) */
+    int shift = Lk - Lq, i0 = causal ? MAX(0, j - shift) : 0, i1 = Lq;
+    if (!HAS_SEL && window > 0) { /* the window alone: |position - j| < window */
+        i0 = MAX(i0, j - window + 1 - shift);
+        i1 = MIN(i1, j + window - shift);
+    }
+    for (int i = i0; i < i1; i++) {
+        attn_span sp = attn_span_of(i, Lq, Lk, window, causal);
+        int ok = j >= sp.w0 && j < sp.w1;
+#if HAS_SEL
+        ok = ok || (j < sp.vis && mask[((i64)bh * Lq + i) * nb + j / bs]);
+#endif
+        if (!ok) continue;
+        for (int h = 0; h < g; h++) {
+            i64 row = ((i64)bh * g + h) * Lq + i;
+            float l = lse[row];
+            if (l == -DSHAL_INF) continue;
+            GLOBAL const X_T* qr = q + row * D;
+            GLOBAL const X_T* gr = dout + row * DV;
+            float s = 0.0f, dp = 0.0f;
+            for (int d = 0; d < D; d++) s += X_LOAD(qr[d]) * kj[d];
+            for (int e = 0; e < DV; e++) dp += X_LOAD(gr[e]) * vj[e];
+            float p = EXPF(s * scale - l), ds = p * (dp - delta[row]);
+            for (int e = 0; e < DV; e++) gv[e] += p * X_LOAD(gr[e]);
+            for (int d = 0; d < D; d++) gk[d] += ds * X_LOAD(qr[d]);
+        }
+    }
+    for (int d = 0; d < D; d++) dk[key * D + d] = X_STORE(gk[d] * scale);
+    for (int e = 0; e < DV; e++) dv[key * DV + e] = X_STORE(gv[e]);
 }

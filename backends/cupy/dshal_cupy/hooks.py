@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
+from dshal.calls import AttentionBackwardCall, AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import BackendSpec, DeviceInfo, Signature
 from dshal.dtypes import QUANTIZED_PRECISIONS
 from dshal.hookspec import hookimpl
@@ -72,6 +72,11 @@ class CupyBackend:
     @hookimpl
     def dshal_sparse_attention_run(self, call: AttentionCall) -> tuple[Any, Any, Any]:
         return self._run("sparse_attention", call, call.q)
+
+    @hookimpl
+    def dshal_sparse_attention_backward_run(self, call: AttentionBackwardCall
+                                            ) -> tuple[Any, Any, Any]:
+        return self._run("sparse_attention_backward", call, call.q)
 
     @hookimpl
     def dshal_quantize_run(self, call: QuantizeCall) -> tuple[Any, Any]:

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
-from dshal.capabilities import CPU, FEATURES, BackendSpec, DeviceInfo, OpCapability, Signature
+from dshal.calls import AttentionBackwardCall, AttentionCall, GatedCall, GemmCall, QuantizeCall
+from dshal.capabilities import (
+    CPU,
+    FEATURES,
+    SERVING_FEATURES,
+    BackendSpec,
+    DeviceInfo,
+    OpCapability,
+    Signature,
+)
 from dshal.dtypes import PRECISIONS, QUANT_DTYPES
 from dshal.hookspec import hookimpl
 from dshal_kernels.host import RUNNERS
@@ -27,16 +35,19 @@ MAX_HEAD_DIM = 256
 
 @hookimpl
 def dshal_backend_declare() -> BackendSpec:
-    """Every operator and feature on float16/bfloat16/float32 (plus fp8/int8 gemm inputs)."""
+    """Every operator and feature on float16/bfloat16/float32 (plus fp8/int8 gemm inputs)
+    but the serving forms of plugin API 2 (varlen, paged, block_keys); the backward of
+    sparse_attention (plugin API 2) with every feature."""
 
     def cap(op: str, dtypes=FLOATS, precisions=(), auto_order=(), limits=None) -> OpCapability:
-        return OpCapability(dtypes=dtypes, features=FEATURES[op], precisions=precisions,
-                            auto_order=auto_order, limits=limits or {}, deterministic=True)
+        return OpCapability(dtypes=dtypes, features=FEATURES[op] - SERVING_FEATURES,
+                            precisions=precisions, auto_order=auto_order, limits=limits or {},
+                            deterministic=True)
 
     return BackendSpec(
         name=NAME,
         version=__version__,
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=frozenset({CPU}),
         array_kind="numpy",
         priority=-10,
@@ -47,6 +58,8 @@ def dshal_backend_declare() -> BackendSpec:
             "gemm": cap("gemm", FLOATS | frozenset(QUANT_DTYPES), PRECISIONS, ("fp32",)),
             "quantize": cap("quantize", precisions=PRECISIONS),
             "gated_channels": cap("gated_channels"),
+            "sparse_attention_backward": cap("sparse_attention_backward",
+                                             limits={"head_dim": MAX_HEAD_DIM}),
         },
         description="OpenCL 1.2+ devices through pyopencl: portable single-source kernels",
     )
@@ -97,6 +110,11 @@ def _run(op: str, call: Any) -> Any:
 @hookimpl
 def dshal_sparse_attention_run(call: AttentionCall) -> tuple[Any, Any, Any]:
     return _run("sparse_attention", call)
+
+
+@hookimpl
+def dshal_sparse_attention_backward_run(call: AttentionBackwardCall) -> tuple[Any, Any, Any]:
+    return _run("sparse_attention_backward", call)
 
 
 @hookimpl
