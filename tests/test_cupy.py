@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from dshal.capabilities import FEATURES
+from dshal.capabilities import FEATURES, SERVING_FEATURES
 from dshal.dtypes import PRECISIONS
 from dshal.registry import AVAILABLE, NO_DEVICE, registry
 from dshal_cuda.plugin import CUDA
@@ -90,9 +90,10 @@ def test_importing_the_plugins_does_not_import_cupy():
 def test_declaration_covers_every_operator_and_feature(vendor):
     spec = declare(vendor)
     assert spec.name == vendor.name and spec.priority > 0
-    assert set(spec.capabilities) == set(FEATURES)
+    assert set(spec.capabilities) == set(FEATURES) and spec.plugin_api == (1, 2)
     for op, cap in spec.capabilities.items():
-        assert cap.features == FEATURES[op] and cap.deterministic
+        # plugin API 2 for the backward, without the serving forms (varlen, paged, block_keys)
+        assert cap.features == FEATURES[op] - SERVING_FEATURES and cap.deterministic
         assert cap.dtypes >= {"float16", "bfloat16", "float32"}
     gemm = spec.capabilities["gemm"]
     assert gemm.precisions == frozenset(PRECISIONS)
