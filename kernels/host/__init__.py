@@ -6,6 +6,7 @@ launching differ. Those differences live behind :class:`~dshal_kernels.host.sess
 which each backend implements (``dshal_opencl.device.Session``, ``dshal_cupy.device.Session``).
 
 - :mod:`.attention`: ``sparse_attention`` (selection, then the online-softmax pass);
+- :mod:`.forms`: its varlen and paged forms (DESIGN 3.1a), one contiguous call per sequence;
 - :mod:`.gemm`: ``quantize`` and the kernel path of ``gemm`` (packing, tiles, int8 groups);
 - :mod:`.gated`: ``gated_channels`` (masks, gating, the open-channel product).
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dshal_kernels.host import attention, gated, gemm
+from dshal_kernels.host import attention, forms, gated, gemm
 
-__all__ = ["RUNNERS", "attention", "gated", "gemm"]
+__all__ = ["RUNNERS", "attention", "forms", "gated", "gemm"]
 
 #: operator -> its launch sequence ``(session, call) -> results`` (the run hooks' results)
 RUNNERS: dict[str, Callable[[Any, Any], Any]] = {
-    "sparse_attention": attention.sparse_attention,
+    "sparse_attention": forms.sparse_attention,
     "quantize": gemm.quantize,
     "gemm": gemm.gemm,
     "gated_channels": gated.gated_channels,

@@ -62,10 +62,8 @@ def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
     qb, kb, vb = s.upload(qp, "q"), s.upload(kp, "k"), s.upload(vp, "v")
     mask = s.alloc(BH * Lq * nb if has_sel else 1, "selection mask")
     if call.top_k is not None and nb:
-        kmean = s.alloc(4 * BH * nb * qp.shape[-1], "block means")
+        kmean = block_summaries(s, call, prg, kb, BH, Lk, nb, qp.shape[-1])
         scores = s.alloc(4 * BH * Lq * nb, "selection scores")
-        s.run(prg.attn_block_means, (nb, BH), kb, kmean, _I32(BH), _I32(Lk), _I32(nb),
-              _I32(bs))
         s.run(prg.attn_scores, (Lq, BH), qb, kmean, scores, _I32(BH), _I32(Hkv), _I32(g),
               _I32(Lq), _I32(nb), _F32(call.scale))
         want = resolve_count(call.top_k, np.arange(nb + 1)).astype(np.int32)
@@ -97,6 +95,19 @@ def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
         s.run(prg.attn_compact, (Lq, BH), mask, ib, _I32(BH), _I32(Lq), _I32(nb), _I32(width))
         indices = s.download(ib, indices.shape, np.int32).astype(np.int64)
     return out, indices, lse
+
+
+def block_summaries(s: Session, call: AttentionCall, prg: Any, kb: Any, BH: int, Lk: int,
+                    nb: int, d: int) -> Any:
+    """The float32 [BH, nb, d] block summaries top_k scores against: the caller's
+    ``block_keys`` (DESIGN 3.1a; converted exactly to float32) or the block means of the keys
+    (``attn_block_means``)."""
+    if call.block_keys is not None:
+        return s.upload(_padded(s.xp, call.block_keys), "block_keys", np.float32)
+    kmean = s.alloc(4 * BH * nb * d, "block means")
+    s.run(prg.attn_block_means, (nb, BH), kb, kmean, _I32(BH), _I32(Lk), _I32(nb),
+          _I32(call.block_size))
+    return kmean
 
 
 def selection_width(call: AttentionCall, Lq: int, Lk: int, nb: int, host: Any = np.asarray

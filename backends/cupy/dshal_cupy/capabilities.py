@@ -27,7 +27,7 @@ def declare(vendor: Vendor) -> BackendSpec:
     return BackendSpec(
         name=vendor.name,
         version=__version__,
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=frozenset({vendor.device_type}),
         array_kind="cupy",
         priority=50,

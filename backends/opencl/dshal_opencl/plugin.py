@@ -36,7 +36,7 @@ def dshal_backend_declare() -> BackendSpec:
     return BackendSpec(
         name=NAME,
         version=__version__,
-        plugin_api=(1, 1),
+        plugin_api=(1, 2),
         device_types=frozenset({CPU}),
         array_kind="numpy",
         priority=-10,
