@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from dshal.capabilities import FEATURES, SERVING_FEATURES
+from dshal.capabilities import FEATURES
 from dshal.dtypes import PRECISIONS
 from dshal.registry import AVAILABLE, NO_DEVICE, registry
 from dshal_cuda.plugin import CUDA
@@ -92,8 +92,8 @@ def test_declaration_covers_every_operator_and_feature(vendor):
     assert spec.name == vendor.name and spec.priority > 0
     assert set(spec.capabilities) == set(FEATURES) and spec.plugin_api == (1, 2)
     for op, cap in spec.capabilities.items():
-        # plugin API 2 for the backward, without the serving forms (varlen, paged, block_keys)
-        assert cap.features == FEATURES[op] - SERVING_FEATURES and cap.deterministic
+        # plugin API 2 for the backward and varlen, without paged and block_keys
+        assert cap.features == FEATURES[op] - {"paged", "block_keys"} and cap.deterministic
         assert cap.dtypes >= {"float16", "bfloat16", "float32"}
     gemm = spec.capabilities["gemm"]
     assert gemm.precisions == frozenset(PRECISIONS)

@@ -54,7 +54,27 @@ def test_a_healthy_fleet_passes_with_one_row_per_node(cert, tmp_path, capsys):
     status, out = _merge(capsys, _write(tmp_path, _node(cert, "gpu-a"), _node(cert, "gpu-b")))
     assert status == 0, out
     assert "PASS" in out and "gpu-a" in out and "gpu-b" in out
+    assert "compared by output digest" in out
+
+
+def _without_digests(body):
+    for case in body["cases"]:
+        case.pop(fleet.OUTPUT_DIGEST, None)
+
+
+def test_certificates_without_digests_are_compared_by_error_ratios(cert, tmp_path, capsys):
+    """Certificates of suites before 1.1.0 record no per-case output digest."""
+    old = [_node(cert, h, _without_digests) for h in ("a", "b")]
+    status, out = _merge(capsys, _write(tmp_path, *old))
+    assert status == 0, out
     assert "compared by error ratios (these certificates record no per-case output" in out
+
+    def changed(body):
+        _without_digests(body)
+        _change_ratio(body)
+
+    status, out = _merge(capsys, _write(tmp_path, old[0], _node(cert, "b", changed)))
+    assert status == 1 and "disagree on deterministic case" in out
 
 
 def test_damaged_and_failed_nodes_fail_the_fleet(cert, tmp_path, capsys):
@@ -76,13 +96,18 @@ def _change_ratio(body):
     case["ratio"] = case["ratio"] * 1.01 + 1e-3
 
 
+def _change_output(body):
+    case = fleet.deterministic_cases(body)[0]
+    case[fleet.OUTPUT_DIGEST] = "0" * 64
+
+
 def test_same_version_nodes_that_disagree_fail(cert, tmp_path, capsys):
     status, out = _merge(capsys, _write(tmp_path, _node(cert, "a"),
-                                        _node(cert, "b", _change_ratio)))
+                                        _node(cert, "b", _change_output)))
     assert status == 1 and "disagree on deterministic case" in out
 
     def other_version(body):  # another version may compute differently: not compared
-        _change_ratio(body)
+        _change_output(body)
         body["backend"]["version"] += "+other"
 
     status, out = _merge(capsys, _write(tmp_path, _node(cert, "a"),

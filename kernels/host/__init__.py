@@ -7,6 +7,7 @@ which each backend implements (``dshal_opencl.device.Session``, ``dshal_cupy.dev
 
 - :mod:`.attention`: ``sparse_attention`` (selection, then the online-softmax pass);
 - :mod:`.backward`: its backward (delta, dq per query, dk/dv per key);
+- :mod:`.forms`: its varlen and paged forms (DESIGN 3.1a), one contiguous call per sequence;
 - :mod:`.gemm`: ``quantize`` and the kernel path of ``gemm`` (packing, tiles, int8 groups);
 - :mod:`.gated`: ``gated_channels`` (masks, gating, the open-channel product).
 
@@ -19,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dshal_kernels.host import attention, backward, gated, gemm
+from dshal_kernels.host import attention, backward, forms, gated, gemm
 
-__all__ = ["RUNNERS", "attention", "backward", "gated", "gemm"]
+__all__ = ["RUNNERS", "attention", "backward", "forms", "gated", "gemm"]
 
 #: operator -> its launch sequence ``(session, call) -> results`` (the run hooks' results)
 RUNNERS: dict[str, Callable[[Any, Any], Any]] = {
-    "sparse_attention": attention.sparse_attention,
+    "sparse_attention": forms.sparse_attention,
     "sparse_attention_backward": backward.sparse_attention_backward,
     "quantize": gemm.quantize,
     "gemm": gemm.gemm,

@@ -15,7 +15,6 @@ from dshal.calls import AttentionBackwardCall, AttentionCall, GatedCall, GemmCal
 from dshal.capabilities import (
     CPU,
     FEATURES,
-    SERVING_FEATURES,
     BackendSpec,
     DeviceInfo,
     OpCapability,
@@ -33,14 +32,20 @@ FLOATS = frozenset({"float16", "bfloat16", "float32"})
 MAX_HEAD_DIM = 256
 
 
+#: serving forms the kernels do not serve as DESIGN 3.1a requires
+UNSERVED = frozenset({"block_keys"})
+
+
 @hookimpl
 def dshal_backend_declare() -> BackendSpec:
-    """Every operator and feature on float16/bfloat16/float32 (plus fp8/int8 gemm inputs)
-    but the serving forms of plugin API 2 (varlen, paged, block_keys); the backward of
-    sparse_attention (plugin API 2) with every feature."""
+    """Every operator and feature on float16/bfloat16/float32 (plus fp8/int8 gemm inputs),
+    with the varlen and paged forms of plugin API 2 (one contiguous kernel call per sequence,
+    dshal_kernels.host.forms) but not block_keys (DESIGN 3.1a: a decode given summaries must
+    not read every key, and the kernels still convert a sequence's keys whole); the backward
+    of sparse_attention (plugin API 2) with every feature."""
 
     def cap(op: str, dtypes=FLOATS, precisions=(), auto_order=(), limits=None) -> OpCapability:
-        return OpCapability(dtypes=dtypes, features=FEATURES[op] - SERVING_FEATURES,
+        return OpCapability(dtypes=dtypes, features=FEATURES[op] - UNSERVED,
                             precisions=precisions, auto_order=auto_order, limits=limits or {},
                             deterministic=True)
 
