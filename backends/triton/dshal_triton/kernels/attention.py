@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dshal_triton.kernels.common import dot_operand
+from dshal_triton.kernels.common import dot_operand, narrow, widen
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -44,8 +44,8 @@ def block_scores_kernel(q, kmean, out, Lq, NB, Hkv, scale,
     qm = (rows < Lq)[:, None] & (dd < D)[None, :]
     qs = tl.zeros((BM, BD), dtype=tl.float32)
     for h in range(G):
-        qs += tl.load(q + bi * s_qb + (t * G + h) * s_qh + rows[:, None] * s_ql
-                      + dd[None, :] * s_qd, mask=qm, other=0).to(tl.float32)
+        qs += widen(tl.load(q + bi * s_qb + (t * G + h) * s_qh + rows[:, None] * s_ql
+                            + dd[None, :] * s_qd, mask=qm, other=0))
     km = tl.load(kmean + bi * s_kb + t * s_kh + blks[None, :] * s_kn + dd[:, None] * s_kd,
                  mask=(blks < NB)[None, :] & (dd < D)[:, None], other=0)
     if LOWP:  # 16-bit inputs: tf32 tensor cores stay within the selection's tolerance
@@ -146,5 +146,5 @@ def attention_fwd_kernel(q, k, v, o, lse, idx, Lq, Lk, NSEL, Hkv, BS, window, sc
     row_lse = tl.where(has, (m_fin + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
     dv = tl.arange(0, BDV)
     tl.store(o + bi * s_ob + heads[:, None] * s_oh + i * s_ol + dv[None, :] * s_od,
-             out.to(o.dtype.element_ty), mask=(hs < G)[:, None] & (dv < DV)[None, :])
+             narrow(out, o.dtype.element_ty), mask=(hs < G)[:, None] & (dv < DV)[None, :])
     tl.store(lse + bi * s_lb + heads * s_lh + i * s_ll, row_lse, mask=hs < G)

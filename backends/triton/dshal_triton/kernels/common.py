@@ -55,13 +55,14 @@ def to_precision(x, MODE: tl.constexpr):
     """A loaded tile as the tensor cores take it for ``MODE`` (fp32, tf32-rounded fp32, bf16,
     fp16 rounded through fp32, or the stored values as they are)."""
     if MODE == 0:
-        x = x.to(tl.float32)
+        x = widen(x)
     elif MODE == 1:
-        x = round_bits(x.to(tl.float32), 13)
+        x = round_bits(widen(x), 13)
     elif MODE == 2:
-        x = round_bits(x.to(tl.float32), 16).to(tl.bfloat16)
+        if x.dtype != tl.bfloat16:
+            x = to_bf16(widen(x))
     elif MODE == 3:
-        x = x.to(tl.float32).to(tl.float16)
+        x = widen(x).to(tl.float16)
     return x
 
 
@@ -70,8 +71,42 @@ def dot_operand(x, UPCAST: tl.constexpr):
     """``x`` for ``tl.dot``: bfloat16 upcast to float32 under the interpreter (see above)."""
     if UPCAST:  # noqa: SIM102 (two constexpr tests: a combined one is a runtime and)
         if x.dtype == tl.bfloat16:
-            x = x.to(tl.float32)
+            x = widen(x)
     return x
+
+
+@triton.jit
+def to_bf16(x):
+    """float32 ``x`` as bfloat16, nearest even on the bit pattern (subnormals kept, NaN stays
+    a quiet NaN), narrowed by taking the high half of the bits: the interpreter's fp32 ->
+    bf16 cast truncates and flushes subnormals, so no narrowing cast is used at all."""
+    r = round_bits(x, 16).to(tl.int32, bitcast=True)
+    r = tl.where(x != x, r | 0x00400000, r)
+    return (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def widen(x):
+    """``x`` as float32, exactly; bfloat16 by its bits (the interpreter's bf16 -> fp32 cast
+    mangles subnormals)."""
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def narrow(x, ty: tl.constexpr):
+    """float32 ``x`` stored as ``ty``: bfloat16 through :func:`to_bf16` (nearest even in
+    both interpreter and compiled mode), any other dtype by its cast."""
+    if x.dtype == ty:
+        y = x
+    elif ty == tl.bfloat16:
+        y = to_bf16(widen(x))
+    else:
+        y = widen(x).to(ty)
+    return y
 
 
 @triton.jit

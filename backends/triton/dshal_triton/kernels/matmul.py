@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dshal_triton.kernels.common import dot_operand, load_zeroed, to_precision
+from dshal_triton.kernels.common import dot_operand, load_zeroed, narrow, to_precision, widen
 
 #: fp8 products Hopper's wgmma may sum in its reduced-precision accumulator before they are
 #: added to the fp32 one: one instruction's K (32). 0 (promote always) makes Triton drop wgmma
@@ -84,8 +84,8 @@ def gemm_kernel(a, b, c, bias, sa, sb, M, N, K, GROUP, NG,
         else:
             acc += part.to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias + rn, mask=in_n, other=0).to(tl.float32)[None, :]
-    tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c.dtype.element_ty),
+        acc += widen(tl.load(bias + rn, mask=in_n, other=0))[None, :]
+    tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, narrow(acc, c.dtype.element_ty),
              mask=in_m[:, None] & in_n[None, :])
 
 
@@ -116,11 +116,12 @@ def gated_linear_kernel(x, w, y, bias, gate, mask, cols, R, NOPEN, K,
                      mask=in_k[:, None] & in_j[None, :], other=0)
         acc = _tile_dot(xt, wt, acc, MODE, False, UPCAST)
     if HAS_BIAS:
-        acc += tl.load(bias + ch, mask=in_j, other=0).to(tl.float32)[None, :]
+        acc += widen(tl.load(bias + ch, mask=in_j, other=0))[None, :]
     both = in_m[:, None] & in_j[None, :]
     if HAS_GATE:
         acc *= tl.load(gate + rm[:, None] * s_gr + ch[None, :] * s_gc, mask=both, other=0)
     if ROW_MASK:
         is_open = tl.load(mask + rm[:, None] * s_mr + ch[None, :] * s_mc, mask=both, other=0)
         acc = tl.where(is_open != 0, acc, 0.0)
-    tl.store(y + rm[:, None] * s_yr + ch[None, :] * s_yc, acc.to(y.dtype.element_ty), mask=both)
+    tl.store(y + rm[:, None] * s_yr + ch[None, :] * s_yc, narrow(acc, y.dtype.element_ty),
+             mask=both)

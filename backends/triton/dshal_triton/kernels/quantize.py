@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dshal_triton.kernels.common import RINT, round_fp8_grid, to_precision
+from dshal_triton.kernels.common import RINT, narrow, round_fp8_grid, to_precision, widen
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def quantize_kernel(x, out, scales, R, C, GH, GW, s_xr, s_xc, s_or, s_oc, s_sr, 
             cs = cc + cb
             m = (rows < r1)[:, None] & (cs < c1)[None, :]
             t = tl.load(x + rows[:, None] * s_xr + cs[None, :] * s_xc, mask=m, other=0)
-            amax = tl.maximum(amax, tl.max(tl.abs(t.to(tl.float32)), axis=1))
+            amax = tl.maximum(amax, tl.max(tl.abs(widen(t)), axis=1))
     if PER_ROW:
         scale = tl.math.div_rn(amax, tl.full((BR,), QMAX, tl.float32))
         scale = tl.where(scale == 0, 1.0, scale)
@@ -70,7 +70,7 @@ def quantize_kernel(x, out, scales, R, C, GH, GW, s_xr, s_xc, s_or, s_oc, s_sr, 
             cs = cc + cb
             m = (rows < r1)[:, None] & (cs < c1)[None, :]
             t = tl.load(x + rows[:, None] * s_xr + cs[None, :] * s_xc, mask=m, other=0)
-            t32 = t.to(tl.float32)
+            t32 = widen(t)
             if PER_ROW:
                 v = tl.math.div_rn(t32, scale[:, None] + tl.zeros_like(t32))
             else:
@@ -86,4 +86,4 @@ def round_kernel(x, out, n, MODE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     t = tl.load(x + offs, mask=m, other=0)
-    tl.store(out + offs, to_precision(t, MODE).to(out.dtype.element_ty), mask=m)
+    tl.store(out + offs, narrow(to_precision(t, MODE), out.dtype.element_ty), mask=m)
