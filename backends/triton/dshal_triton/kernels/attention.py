@@ -14,7 +14,9 @@ twice. Each key tile is loaded once for all g heads: ``tl.dot`` gives the [BG, N
 fp32, an online softmax in base 2 keeps the running max and sum, and ``tl.dot`` of the
 probabilities (in the inputs' dtype, as FlashAttention does) with the value tile accumulates in
 fp32. Keys that are not allowed are masked at the load: their keys and values never enter a
-register, so NaN/Inf there cannot reach the output. lse is returned in natural log.
+register, so NaN/Inf there cannot reach the output; an allowed key's or value's NaN/Inf
+makes the row's sum NaN and is kept (a row is empty only where its sum is exactly 0).
+lse is returned in natural log.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def attention_fwd_kernel(q, k, v, o, lse, idx, Lq, Lk, NSEL, Hkv, BS, window, sc
             ok = (js < end) & ((js < lo) | (js >= hi))
             m, l, acc = _attend(qt, kp, vp, js, ok, m, l, acc, s_kl, s_kd, s_vl, s_vd, scale2,
                                 D, DV, BD, BDV, IEEE, UPCAST)
-    has = l > 0
+    has = l != 0  # a NaN sum (a non-finite allowed key or value) is kept: it must propagate
     out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
     m_fin = tl.where(m == float("-inf"), 0.0, m)
     row_lse = tl.where(has, (m_fin + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
