@@ -426,6 +426,32 @@ def test_attention_hook_runs_dshal_torch_attention():
     np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-5)
 
 
+def test_vml_is_initialised_single_threaded_before_the_first_cpu_attention(monkeypatch):
+    """MKL VML's first call, made by two threads at once, may compute one thread's chunk with
+    ~1.5e-4 relative error (dshal.torch.vml): the attention kernels first make a call too small
+    to be split across threads, once per process, on CPU tensors only."""
+    from dshal.torch import attention, vml
+
+    seen = []
+    real_exp = torch.exp
+
+    def spy(x, *a, **kw):
+        seen.append((x.numel(), x.device.type, torch.get_num_threads()))
+        return real_exp(x, *a, **kw)
+
+    monkeypatch.setattr(vml, "_done", False)
+    monkeypatch.setattr(torch, "exp", spy)
+    vml.ensure(torch.device("meta"))
+    assert seen == [] and not vml._done  # nothing to initialise off the CPU
+    q = torch.randn(1, 2, 300, 64)
+    geo = attention.Geometry.of(q, q, q, block_size=64, window=0, causal=True, scale=0.125)
+    attention.forward(q, q, q, geo, None)
+    assert vml._done and seen and all(n <= 64 for n, _, _ in seen)  # below torch's grain
+    count = len(seen)
+    attention.backward(q, None, q, q, q, torch.zeros(1, 2, 300), geo, None)
+    assert len(seen) == count  # once per process
+
+
 def test_attention_hook_runs_in_ieee_fp32(monkeypatch):
     from dshal.torch import attention
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dshal.calls import AttentionBackwardCall, AttentionCall, resolve_count
+from dshal.torch import vml
 
 #: score elements (rows x keys) one tile may hold
 _TILE_ELEMS = 1 << 22
@@ -390,6 +391,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: Geometry,
             sel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32)`` over the allowed set."""
     cdt, device = compute_dtype(q.dtype), q.device
+    vml.ensure(device)
     out = torch.zeros(geo.B, geo.Hq, geo.Lq, geo.Dv, dtype=cdt, device=device)
     lse = torch.full((geo.B, geo.Hq, geo.Lq), -math.inf, dtype=cdt, device=device)
     out5 = out.view(geo.B, geo.Hkv, geo.g, geo.Lq, geo.Dv)
@@ -409,6 +411,7 @@ def backward(grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: to
     """Gradients ``(dq, dk, dv)`` of out and lse over each query's allowed set (selection held
     constant), recomputing each tile's probabilities from ``lse``; in q's dtype."""
     cdt, device = compute_dtype(q.dtype), q.device
+    vml.ensure(device)
     dq = torch.zeros(q.shape, dtype=cdt, device=device)
     dk = torch.zeros(k.shape, dtype=cdt, device=device)
     dv = torch.zeros(v.shape, dtype=cdt, device=device)
