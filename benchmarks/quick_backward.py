@@ -6,7 +6,8 @@ B=1, Hq=16, Hkv=2, D=64, float32, block 64, window 128, causal; ``--length``/``-
 the sizes (the issue's are 8192/8 and 16384/16). dshal runs ``dshal.ops.sparse_attention``
 (the forward on the numpy backend, the backward through dispatch: the numpy backend's compiled
 kernel) then ``out.backward(grad)``; SDPA runs ``is_causal=True, enable_gqa=True``. Each is
-timed best of ``--repeat``, alternating, with the forward and backward split out.
+timed best of ``--repeat``, alternating, with the forward and backward split out (FlexAttention:
+forward only on the CPU, where torch has no FlexAttention backward).
 ``--memory`` instead runs dshal's forward + backward once in a fresh process and prints its
 peak resident memory above what the inputs and gradients hold (VmHWM - VmRSS before the call).
 
@@ -17,6 +18,7 @@ peak resident memory above what the inputs and gradients hold (VmHWM - VmRSS bef
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -66,6 +68,8 @@ def runner(kind: str, args: argparse.Namespace, tensors: tuple[torch.Tensor, ...
         t0 = time.perf_counter()
         out = forward()
         t1 = time.perf_counter()
+        if not out.requires_grad:  # FlexAttention on the CPU: forward only
+            return t1 - t0, math.nan
         out.backward(grad)
         return t1 - t0, time.perf_counter() - t1
 
@@ -73,7 +77,10 @@ def runner(kind: str, args: argparse.Namespace, tensors: tuple[torch.Tensor, ...
 
 
 def _flex(args: argparse.Namespace, leaves: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """FlexAttention with dshal's own selection (indices from the forward) and window."""
+    """FlexAttention (compiled) with dshal's own selection (indices from the forward) and
+    window. torch's FlexAttention has no CPU backward (torch 2.13 raises NotImplementedError
+    "FlexAttention does not support backward on CPU"), so on the CPU it runs the forward alone,
+    without grad, and its backward is reported as n/a."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import dshal
@@ -91,7 +98,10 @@ def _flex(args: argparse.Namespace, leaves: list[torch.Tensor]) -> Callable[[], 
         return (j <= i) & ((i - j < w) | selected[h // g, i, j // bs])
 
     block_mask = create_block_mask(mask, 1, q.shape[1], q.shape[2], k.shape[2], device="cpu")
-    return lambda: flex_attention(*leaves, block_mask=block_mask, enable_gqa=True)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    if q.device.type == "cpu":
+        return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return lambda: compiled(*leaves, block_mask=block_mask, enable_gqa=True)
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -143,7 +153,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     sdpa = sum(best["sdpa"])
     for kind, (f, b) in best.items():
-        print(f"| {kind:8} | {f:9.2f} | {b:10.2f} | {f + b:9.2f} | {sdpa / (f + b):11.2f} |")
+        if math.isnan(b):
+            print(f"| {kind:8} | {f:9.2f} | {'n/a':>10} | {'n/a':>9} | {'n/a':>11} |")
+        else:
+            print(f"| {kind:8} | {f:9.2f} | {b:10.2f} | {f + b:9.2f} | "
+                  f"{sdpa / (f + b):11.2f} |")
+    if "flex" in best and math.isnan(best["flex"][1]):
+        print("flex: forward only (compiled, no grad); torch has no FlexAttention backward on "
+              "the CPU")
 
 
 if __name__ == "__main__":
