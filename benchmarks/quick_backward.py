@@ -97,7 +97,8 @@ def _flex(args: argparse.Namespace, leaves: list[torch.Tensor]) -> Callable[[], 
     def mask(b, h, i, j):
         return (j <= i) & ((i - j < w) | selected[h // g, i, j // bs])
 
-    block_mask = create_block_mask(mask, 1, q.shape[1], q.shape[2], k.shape[2], device="cpu")
+    block_mask = create_block_mask(mask, 1, q.shape[1], q.shape[2], k.shape[2], device="cpu",
+                                   _compile=True)  # never materialises the Lq x Lk mask
     compiled = torch.compile(flex_attention, dynamic=False)
     if q.device.type == "cpu":
         return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
