@@ -118,6 +118,16 @@ def _sig(op: str, metas: dict[str, ArrayMeta], features: frozenset[str],
 # --- sparse_attention -------------------------------------------------------------------------
 
 
+def check_indices_range(indices: Any, n_blocks: int, Lk: int, block_size: int) -> None:
+    """Block ``indices`` (a forward's argument, or the selection a backward is given) lie in
+    [-1, n_blocks - 1]."""
+    span = arrays.value_range(indices)
+    if span is not None and (span[0] < -1 or span[1] >= n_blocks):
+        raise DshalValueError(
+            f"indices must lie in [-1, {n_blocks - 1}] (-1 = unused; Lk={Lk} keys in "
+            f"{n_blocks} blocks of {block_size}), got values in [{span[0]}, {span[1]}]")
+
+
 def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, window=0,
                    causal=False, scale=None, return_indices=False, return_lse=False) -> Plan:
     mq, mk, mv = metas["q"], metas["k"], metas["v"]
@@ -186,11 +196,8 @@ def plan_attention(metas: dict[str, ArrayMeta], *, top_k=None, block_size=64, wi
         if forms is not None:
             forms.check(arrs)
             return
-        span = arrays.value_range(arrs["indices"]) if has_indices else None
-        if span is not None and (span[0] < -1 or span[1] >= n_blocks):
-            raise DshalValueError(
-                f"indices must lie in [-1, {n_blocks - 1}] (-1 = unused; Lk={Lk} keys in "
-                f"{n_blocks} blocks of {block_size}), got values in [{span[0]}, {span[1]}]")
+        if has_indices:
+            check_indices_range(arrs["indices"], n_blocks, Lk, block_size)
 
     def run(b: Backend, arrs: Arrays, precision: str | None = None) -> list[Any]:
         get = arrs.get

@@ -18,7 +18,7 @@ from dshal.calls import AttentionBackwardCall
 from dshal.capabilities import FEATURES, Signature
 from dshal.dtypes import FLOAT_DTYPES, INDEX_DTYPES
 from dshal.errors import DshalTypeError, DshalValueError
-from dshal.plans import Arrays, Plan, _expect, _features, _sig
+from dshal.plans import Arrays, Plan, _expect, _features, _sig, check_indices_range
 from dshal.registry import Backend
 from dshal.validate import ceil_div, check_bool, check_dtype, check_int, check_ndim, check_real
 
@@ -78,11 +78,8 @@ def plan_attention_backward(metas: dict[str, ArrayMeta], *, block_size=64, windo
          ("window", window)))
 
     def check(arrs: Arrays) -> None:
-        span = arrays.value_range(arrs["indices"]) if has_indices else None
-        if span is not None and (span[0] < -1 or span[1] >= n_blocks):
-            raise DshalValueError(
-                f"indices must lie in [-1, {n_blocks - 1}] (-1 = unused; Lk={Lk} keys in "
-                f"{n_blocks} blocks of {block_size}), got values in [{span[0]}, {span[1]}]")
+        if has_indices:
+            check_indices_range(arrs["indices"], n_blocks, Lk, block_size)
 
     def run(b: Backend, arrs: Arrays, _: str | None = None) -> list[Any]:
         get = arrs.get
