@@ -2,11 +2,9 @@
 after the exponential, so NaN/Inf in those keys or values reach the output."""
 
 import math
-from dataclasses import replace
 
 import numpy as np
 
-from dshal import reference
 from dshal.hookspec import hookimpl
 from tests.broken_backends._base import Wrapped
 
@@ -18,17 +16,10 @@ class NanLeak(Wrapped):
 
     @hookimpl
     def dshal_sparse_attention_run(self, call):
-        selecting = call.top_k is not None
-        out, sel, lse = super().dshal_sparse_attention_run(
-            replace(call, return_indices=call.return_indices or selecting))
-        q, k, v = (np.asarray(x, np.float32) for x in (call.q, call.k, call.v))
-        B, Hq, Lq, _ = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
+        out, sel, lse, q, k, v, mask = self.attention_with_mask(call)
+        mask = mask.astype(np.float32)
+        Hq, Hkv = q.shape[1], k.shape[1]
         g = Hq // Hkv
-        selection = sel if selecting else call.indices
-        mask = reference.allowed_mask(Lq, Lk, B=B, Hkv=Hkv, block_size=call.block_size,
-                                      window=call.window, causal=call.causal,
-                                      indices=selection).astype(np.float32)
         leaky = np.zeros(out.shape, np.float32)
         with np.errstate(all="ignore"):
             for t in range(Hkv):
