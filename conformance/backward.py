@@ -30,7 +30,7 @@ import numpy as np
 
 from dshal import reference, reference_backward
 from dshal.dtypes import DTYPE_UNIT_ROUNDOFF
-from dshal_conformance.cases import Case, _split, _variants
+from dshal_conformance.cases import Case, table_cases
 from dshal_conformance.gates import Bound, finite_abs, measure
 
 if TYPE_CHECKING:  # data and checks register this module's builder and check
@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # data and checks register this module's builder and check
     from dshal_conformance.data import Call
 
 OP = "sparse_attention_backward"
-FLOATS = ("float16", "bfloat16", "float32")
 
 #: (scenario, shape and options) as the forward's cases, plus ``grad_lse``
 CASES: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -70,20 +69,11 @@ CASES: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 _SHAPE = ("B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "grad_lse", "grad_out")
-_META = ("data", "layout", "dtypes", "quick")
 
 
 def backward_cases() -> Iterator[Case]:
     """The fixed cases of the backward (:data:`CASES` x dtypes)."""
-    for index, (name, spec) in enumerate(CASES):
-        shape, opts = _split(spec, _SHAPE)
-        dtypes, quick = shape.pop("dtypes", FLOATS), shape.pop("quick", "rotate")
-        base = {"B": 1, **shape, "opts": opts}
-
-        def make(dtype: str, base: dict = base) -> dict[str, Any]:
-            return {**base, "dtype": dtype}
-
-        yield from _variants(OP, name, dtypes, index, make, quick)
+    yield from table_cases(OP, CASES, _SHAPE, {"B": 1})
 
 
 def build(p: dict[str, Any], rng: np.random.Generator) -> Call:

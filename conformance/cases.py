@@ -144,17 +144,25 @@ def _split(spec: dict[str, Any], shape_keys: Sequence[str]) -> tuple[dict, dict]
     return shape, opts
 
 
-def attention_cases() -> Iterator[Case]:
-    """The fixed sparse_attention cases (:data:`ATTENTION` x dtypes)."""
-    for index, (name, spec) in enumerate(ATTENTION):
-        shape, opts = _split(spec, _ATTENTION_SHAPE)
+def table_cases(op: str, table: Sequence[tuple[str, dict[str, Any]]],
+                shape_keys: Sequence[str], defaults: dict[str, Any] | None = None
+                ) -> Iterator[Case]:
+    """One case per scenario of ``table`` and dtype (the scenario's ``dtypes``, else
+    :data:`FLOATS`): its shape keys (after ``defaults``) and ``opts``, the call's options."""
+    for index, (name, spec) in enumerate(table):
+        shape, opts = _split(spec, shape_keys)
         dtypes, quick = shape.pop("dtypes", FLOATS), shape.pop("quick", "rotate")
-        base = {"B": 1, **shape, "opts": opts}
+        base = {**(defaults or {}), **shape, "opts": opts}
 
         def make(dtype: str, base: dict = base) -> dict[str, Any]:
             return {**base, "dtype": dtype}
 
-        yield from _variants("sparse_attention", name, dtypes, index, make, quick)
+        yield from _variants(op, name, dtypes, index, make, quick)
+
+
+def attention_cases() -> Iterator[Case]:
+    """The fixed sparse_attention cases (:data:`ATTENTION` x dtypes)."""
+    yield from table_cases("sparse_attention", ATTENTION, _ATTENTION_SHAPE, {"B": 1})
     from dshal_conformance.forms import form_cases  # the 3.1a forms (it builds on this module)
 
     yield from form_cases(len(ATTENTION))
@@ -336,15 +344,7 @@ _GATED_SHAPE = ("lead", "C", "Cout", "row_gates", "bias")
 
 def gated_cases() -> Iterator[Case]:
     """The fixed gated_channels cases (:data:`GATED` x dtypes)."""
-    for index, (name, spec) in enumerate(GATED):
-        shape, opts = _split(spec, _GATED_SHAPE)
-        dtypes, quick = shape.pop("dtypes", FLOATS), shape.pop("quick", "rotate")
-        base = {**shape, "opts": opts}
-
-        def make(dtype: str, base: dict = base) -> dict[str, Any]:
-            return {**base, "dtype": dtype}
-
-        yield from _variants("gated_channels", name, dtypes, index, make, quick)
+    yield from table_cases("gated_channels", GATED, _GATED_SHAPE)
 
 
 def fixed_cases() -> list[Case]:
