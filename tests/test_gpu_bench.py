@@ -6,6 +6,7 @@ print is checked here against brute force and by hand.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -89,3 +90,31 @@ def test_the_gpu_check_script_parses_and_the_bench_module_imports():
     import benchmarks.gpu.bench as bench
 
     assert bench.ATTN["top_k"] == 16 and bench.ATTN["window"] == 512
+
+
+def test_the_shared_gpu_bench_pieces_run_on_cpu_tensors(tmp_path, capsys):
+    """The inputs, selection, fp8 peer, options and report both GPU scripts are built from,
+    run on torch CPU tensors (the scripts themselves need a device)."""
+    torch = pytest.importorskip("torch")
+    import benchmarks.gpu.bench as bench
+
+    q, k, v, ke, ve = bench.attention_inputs(256, device="cpu")
+    assert q.shape == (bench.B, bench.HQ, 256, bench.D) and q.dtype == torch.bfloat16
+    g = bench.HQ // bench.HKV
+    assert ke.shape == ve.shape == q.shape
+    assert torch.equal(ke[:, :g], k[:, :1].expand(-1, g, -1, -1))  # kv head 0 for its g heads
+    idx, keys = bench.attention_selection(q, k, v, 256, "torch")
+    assert idx.shape[:3] == (bench.B, bench.HKV, 256)
+    assert 0 < keys <= bench.HKV * 256 * 256  # every key at most once per query row
+    a, b, flops = bench.gemm_inputs(64, device="cpu")
+    assert flops == 2 * 64 ** 3
+    want = a.float() @ b.float()
+    got = bench.scaled_mm_peer(a, b)().float()
+    assert (got - want).norm() / want.norm() < 0.1  # e4m3 operands
+    args = bench.command_line("prog", "doc\n\nmore", "gpu-bench", ["--n", "64"], backend=True)
+    assert (args.backend, args.n, args.lengths, args.out) == ("cuda", 64, [8192, 32768], None)
+    rows = [bench.Row("gemm", "torch.matmul", 1e-3, flops)]
+    bench.report("GPU benchmarks", "a CPU", rows, tmp_path, "gpu-bench")
+    assert "GPU benchmarks on a CPU" in capsys.readouterr().out
+    assert json.loads((tmp_path / "gpu-bench.json").read_text())["device"] == "a CPU"
+    assert (tmp_path / "gpu-bench.md").read_text().startswith("GPU benchmarks on a CPU")

@@ -57,18 +57,54 @@ def gpu_time(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def attention_rows(length: int, backend: str, reps: int) -> list[Row]:
+def attention_inputs(length: int, device: str = "cuda") -> tuple[Any, ...]:
+    """``(q, k, v, ke, ve)``: bf16 inputs (seed 0), and k and v expanded to Hq heads for the
+    dense peers."""
     import torch
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, HQ, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k, v = (torch.randn(B, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, HQ, length, D, device=device, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, HKV, length, D, device=device, dtype=torch.bfloat16, generator=g)
             for _ in range(2))
+    ke, ve = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+    return q, k, v, ke, ve
+
+
+def attention_selection(q: Any, k: Any, v: Any, length: int, backend: str) -> tuple[Any, int]:
+    """dshal's selection for (q, k, v) on ``backend`` and the number of keys it attends."""
     _, idx = dshal.ops.sparse_attention(q, k, v, return_indices=True, backend=backend, **ATTN)
     keys = attended_keys(idx.cpu().numpy(), length, length, ATTN["block_size"],
                          ATTN["window"], True).sum()
-    ke, ve = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+    return idx, int(keys)
+
+
+def gemm_inputs(n: int, device: str = "cuda") -> tuple[Any, Any, float]:
+    """``(a, b, flops)``: two bf16 n x n operands (seed 1) and the product's FLOP count."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    return a, b, gemm_flops(n, n, n)
+
+
+def scaled_mm_peer(a: Any, b: Any) -> Callable[[], Any]:
+    """``torch._scaled_mm`` on a and b pre-quantised to e4m3 with tensor-wise scales (b
+    column-major, as it needs): the fp8 peer."""
+    import torch
+
+    fp8 = torch.float8_e4m3fn
+    sa, sb = (x.abs().max().float() / 448.0 for x in (a, b))
+    a8 = (a.float() / sa).to(fp8)
+    b8 = (b.float() / sb).to(fp8).t().contiguous().t()
+    return lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+
+def attention_rows(length: int, backend: str, reps: int) -> list[Row]:
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    q, k, v, ke, ve = attention_inputs(length)
+    _, keys = attention_selection(q, k, v, length, backend)
     name = f"sparse attention L={length}"
     ours = gpu_time(lambda: dshal.ops.sparse_attention(q, k, v, backend=backend, **ATTN), reps)
     peer = gpu_time(lambda: sdpa(q, ke, ve, is_causal=True), reps)
@@ -80,21 +116,13 @@ def attention_rows(length: int, backend: str, reps: int) -> list[Row]:
 def gemm_rows(n: int, backend: str, reps: int) -> list[Row]:
     import torch
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
-    f = gemm_flops(n, n, n)
+    a, b, f = gemm_inputs(n)
     rows = [Row(f"gemm bf16 {n}³", "torch.matmul", gpu_time(lambda: torch.matmul(a, b), reps),
                 f),
             Row(f"gemm bf16 {n}³", f"dshal {backend}", gpu_time(
                 lambda: dshal.ops.gemm(a, b, precision="bf16", backend=backend), reps), f,
                 "torch.matmul", "cublasGemmEx, fp32 compute")]
-    fp8 = torch.float8_e4m3fn
-    sa, sb = (x.abs().max().float() / 448.0 for x in (a, b))
-    a8 = (a.float() / sa).to(fp8)
-    b8 = (b.float() / sb).to(fp8).t().contiguous().t()  # column-major, as _scaled_mm needs
-    peer = gpu_time(lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb,
-                                             out_dtype=torch.bfloat16), reps)
+    peer = gpu_time(scaled_mm_peer(a, b), reps)
     ours = gpu_time(lambda: dshal.ops.gemm(a, b, precision="fp8_e4m3", backend=backend), reps)
     rows.append(Row(f"gemm fp8 e4m3 {n}³", "torch._scaled_mm", peer, f,
                     note="pre-quantised, tensor-wise scales"))
@@ -103,31 +131,50 @@ def gemm_rows(n: int, backend: str, reps: int) -> list[Row]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.bench",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="cuda")
+def command_line(prog: str, doc: str, stem: str, argv: list[str] | None,
+                 backend: bool = False) -> argparse.Namespace:
+    """The GPU benchmarks' common options (``--backend`` when asked)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    if backend:
+        parser.add_argument("--backend", default="cuda")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--n", type=int, default=8192, help="gemm size (n³)")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, help="directory for gpu-bench.json / .md")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, help=f"directory for {stem}.json / .md")
+    return parser.parse_args(argv)
+
+
+def cuda_device(what: str) -> str:
+    """The CUDA (or ROCm) device's name; exits when torch sees none."""
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device visible to torch: these benchmarks need one")
-    device = torch.cuda.get_device_name()
+        raise SystemExit(f"no {what} device visible to torch: these benchmarks need one")
+    return torch.cuda.get_device_name()
+
+
+def report(title: str, device: str, rows: list[Row], out: Path | None, stem: str) -> None:
+    """Print the table under ``title`` and, with ``out``, write ``stem``.md and .json."""
+    import torch
+
+    text = f"{title} on {device} (torch {torch.__version__})\n\n{table(rows)}"
+    print(text)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text(text + "\n")
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"device": device, "torch": torch.__version__, "rows": records(rows)}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line("python -m benchmarks.gpu.bench", __doc__, "gpu-bench", argv,
+                        backend=True)
+    device = cuda_device("CUDA")
     rows: list[Row] = []
     for length in args.lengths:
         rows += attention_rows(length, args.backend, args.reps)
     rows += gemm_rows(args.n, args.backend, max(2, args.reps // 2))
-    text = f"GPU benchmarks on {device} (torch {torch.__version__})\n\n{table(rows)}"
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu-bench.md").write_text(text + "\n")
-        (args.out / "gpu-bench.json").write_text(json.dumps(
-            {"device": device, "torch": torch.__version__, "rows": records(rows)}, indent=2))
+    report("GPU benchmarks", device, rows, args.out, "gpu-bench")
     return 0
 
 

@@ -16,24 +16,27 @@ top_k=16 >= 3x faster than dense flash SDPA; bf16 gemm >= 0.8x cuBLAS at 8192³.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import dshal
-from benchmarks.gpu.bench import gpu_time
+from benchmarks.gpu.bench import (
+    ATTN,
+    HKV,
+    HQ,
+    B,
+    D,
+    attention_inputs,
+    attention_selection,
+    command_line,
+    cuda_device,
+    gemm_inputs,
+    gpu_time,
+    report,
+    scaled_mm_peer,
+)
 from benchmarks.gpu.counting import (
     Row,
-    attended_keys,
     attention_flops,
     dense_causal_flops,
-    gemm_flops,
-    records,
-    table,
 )
-
-B, HQ, HKV, D = 1, 16, 2, 128
-ATTN = dict(top_k=16, block_size=64, window=512, causal=True)
 
 
 def attention_rows(length: int, reps: int) -> list[Row]:
@@ -42,14 +45,8 @@ def attention_rows(length: int, reps: int) -> list[Row]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, HQ, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k, v = (torch.randn(B, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            for _ in range(2))
-    _, idx = dshal.ops.sparse_attention(q, k, v, return_indices=True, backend="triton", **ATTN)
-    keys = attended_keys(idx.cpu().numpy(), length, length, ATTN["block_size"],
-                         ATTN["window"], True).sum()
-    ke, ve = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+    q, k, v, ke, ve = attention_inputs(length)
+    idx, keys = attention_selection(q, k, v, length, "triton")
     nb = -(-length // ATTN["block_size"])
     sel = torch.zeros(B, HKV, length, nb + 1, dtype=torch.bool, device="cuda")
     sel.scatter_(-1, torch.where(idx < 0, nb, idx), True)
@@ -81,21 +78,13 @@ def attention_rows(length: int, reps: int) -> list[Row]:
 def gemm_rows(n: int, reps: int) -> list[Row]:
     import torch
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
-    f = gemm_flops(n, n, n)
+    a, b, f = gemm_inputs(n)
     rows = [Row(f"gemm bf16 {n}³", "torch.matmul", gpu_time(lambda: torch.matmul(a, b), reps),
                 f),
             Row(f"gemm bf16 {n}³", "dshal triton", gpu_time(
                 lambda: dshal.ops.gemm(a, b, precision="bf16", backend="triton"), reps), f,
                 "torch.matmul")]
-    fp8 = torch.float8_e4m3fn
-    sa, sb = (x.abs().max().float() / 448.0 for x in (a, b))
-    a8 = (a.float() / sa).to(fp8)
-    b8 = (b.float() / sb).to(fp8).t().contiguous().t()
-    peer = gpu_time(lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb,
-                                             out_dtype=torch.bfloat16), reps)
+    peer = gpu_time(scaled_mm_peer(a, b), reps)
     qa, qsa = dshal.ops.quantize(a, "fp8_e4m3", granularity="row", backend="triton")
     qb, qsb = dshal.ops.quantize(b, "fp8_e4m3", granularity="block", backend="triton")
     ours = gpu_time(lambda: dshal.ops.gemm(qa, qb, a_scale=qsa, b_scale=qsb,
@@ -108,29 +97,13 @@ def gemm_rows(n: int, reps: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.triton_bench",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--n", type=int, default=8192, help="gemm size (n³)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, help="directory for triton-bench.json / .md")
-    args = parser.parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA/ROCm device visible to torch: these benchmarks need one")
-    device = torch.cuda.get_device_name()
+    args = command_line("python -m benchmarks.gpu.triton_bench", __doc__, "triton-bench", argv)
+    device = cuda_device("CUDA/ROCm")
     rows: list[Row] = []
     for length in args.lengths:
         rows += attention_rows(length, args.reps)
     rows += gemm_rows(args.n, max(2, args.reps // 2))
-    text = f"triton backend on {device} (torch {torch.__version__})\n\n{table(rows)}"
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "triton-bench.md").write_text(text + "\n")
-        (args.out / "triton-bench.json").write_text(json.dumps(
-            {"device": device, "torch": torch.__version__, "rows": records(rows)}, indent=2))
+    report("triton backend", device, rows, args.out, "triton-bench")
     return 0
 
 
