@@ -11,45 +11,15 @@ import pytest
 import dshal
 from dshal import ops, reference_backward
 from dshal.backends.numpy import native
+from tests.backward_data import CASES, grads, inputs
 
 pytestmark = pytest.mark.skipif(native.BACKWARD is None, reason=native.BACKWARD_STATUS)
-
-
-def _inputs(rng, B, Hq, Hkv, Lq, Lk, D, dtype=np.float32, **opts):
-    q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
-    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
-    v = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
-    res = ops.sparse_attention(q, k, v, return_indices=opts.get("top_k") is not None,
-                               return_lse=True, backend="numpy", **opts)
-    out, lse = res[0], res[-1]
-    idx = res[1] if opts.get("top_k") is not None else opts.get("indices")
-    go = rng.standard_normal(out.shape).astype(dtype)
-    return q, k, v, out, lse, go, idx
-
-
-CASES = [
-    dict(B=1, Hq=4, Hkv=2, Lq=100, Lk=130, D=16, top_k=2, block_size=16, window=8, causal=True),
-    dict(B=2, Hq=8, Hkv=1, Lq=64, Lk=64, D=32, top_k=3, block_size=8),
-    dict(B=1, Hq=2, Hkv=2, Lq=130, Lk=100, D=16, causal=True),  # dense, more queries
-    dict(B=1, Hq=3, Hkv=1, Lq=50, Lk=100, D=8, window=5),  # window, not causal
-    dict(B=1, Hq=4, Hkv=4, Lq=1, Lk=257, D=16, top_k=2, block_size=32, causal=True),  # decode
-    dict(B=1, Hq=2, Hkv=1, Lq=33, Lk=47, D=8, top_k=5, block_size=1, causal=True),
-]
 
 
 @pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
 @pytest.mark.parametrize("with_lse", [False, True])
 def test_matches_the_float64_reference(case, with_lse) -> None:
-    rng = np.random.default_rng(len(str(case)))
-    shape = {n: case[n] for n in ("B", "Hq", "Hkv", "Lq", "Lk", "D")}
-    opts = {n: x for n, x in case.items() if n not in shape}
-    q, k, v, out, lse, go, idx = _inputs(rng, **shape, **opts)
-    gl = rng.standard_normal(lse.shape).astype(np.float32) if with_lse else None
-    kw = {n: opts[n] for n in ("block_size", "window", "causal") if n in opts}
-    got = ops.sparse_attention_backward(q, k, v, out, lse, go, grad_lse=gl, indices=idx,
-                                        backend="numpy", **kw)
-    ref = reference_backward.sparse_attention_backward(q, k, v, go, grad_lse=gl, indices=idx,
-                                                       **kw)
+    got, ref = grads(case, np.random.default_rng(len(str(case))), "numpy", with_lse=with_lse)
     for name, x, want in zip("qkv", got, (ref.dq, ref.dk, ref.dv)):
         assert x.dtype == np.float32
         err = np.abs(x - want).max(initial=0)
@@ -60,7 +30,7 @@ def test_caller_indices_duplicates_and_unused() -> None:
     rng = np.random.default_rng(1)
     idx = np.array([[[[3, 3, -1, 0], [-1, -1, -1, -1], [2, 1, 1, -1], [0, 3, 2, 1]]]])
     idx = np.repeat(idx, 5, axis=2)[:, :, :17]
-    q, k, v, out, lse, go, _ = _inputs(rng, 1, 2, 1, 17, 31, 8, indices=idx, block_size=8,
+    q, k, v, out, lse, go, _ = inputs(rng, 1, 2, 1, 17, 31, 8, indices=idx, block_size=8,
                                        window=2)
     got = ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx, block_size=8,
                                         window=2, backend="numpy")
@@ -72,7 +42,7 @@ def test_caller_indices_duplicates_and_unused() -> None:
 
 def test_nan_outside_the_allowed_set_and_empty_rows() -> None:
     rng = np.random.default_rng(2)
-    q, k, v, out, lse, go, idx = _inputs(rng, 1, 4, 2, 24, 96, 8, top_k=1, block_size=16,
+    q, k, v, out, lse, go, idx = inputs(rng, 1, 4, 2, 24, 96, 8, top_k=1, block_size=16,
                                          causal=True)
     allowed = reference_backward.reference.allowed_mask(24, 96, B=1, Hkv=2, block_size=16,
                                                         window=0, causal=True, indices=idx)
@@ -84,16 +54,16 @@ def test_nan_outside_the_allowed_set_and_empty_rows() -> None:
     assert all(np.isfinite(x[~never] if x.shape == k.shape else x).all() for x in got)
     assert (got[1][never] == 0).all() and (got[2][never] == 0).all()
     # queries before every key (Lq > Lk, causal): nothing allowed, zero gradients
-    q, k, v, out, lse, go, _ = _inputs(rng, 1, 2, 1, 12, 5, 4, causal=True)
+    q, k, v, out, lse, go, _ = inputs(rng, 1, 2, 1, 12, 5, 4, causal=True)
     dq, dk, dv = ops.sparse_attention_backward(q, k, v, out, lse, go, causal=True,
                                                backend="numpy")
     assert (dq[:, :, :7] == 0).all() and all(np.isfinite(x).all() for x in (dq, dk, dv))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
-def test_half_precision_inputs(dtype) -> None:
+def test_half_precisioninputs(dtype) -> None:
     rng = np.random.default_rng(3)
-    q, k, v, out, lse, go, idx = _inputs(rng, 1, 4, 2, 40, 40, 16, dtype, top_k=1,
+    q, k, v, out, lse, go, idx = inputs(rng, 1, 4, 2, 40, 40, 16, dtype, top_k=1,
                                          block_size=8, causal=True)
     got = ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx, block_size=8,
                                         causal=True, backend="numpy")
@@ -115,7 +85,7 @@ def test_float64_is_not_declared_and_zero_sizes() -> None:
 
 def test_reruns_are_bitwise_equal(monkeypatch) -> None:
     rng = np.random.default_rng(4)
-    q, k, v, out, lse, go, idx = _inputs(rng, 1, 8, 1, 600, 600, 16, top_k=2, block_size=32,
+    q, k, v, out, lse, go, idx = inputs(rng, 1, 8, 1, 600, 600, 16, top_k=2, block_size=32,
                                          window=16, causal=True)
     runs = []
     for threads in ("1", "3", "3"):
