@@ -25,14 +25,10 @@ pytest.importorskip("pyopencl")
 import dshal
 from dshal import reference
 from dshal.errors import BackendRuntimeError
-from dshal.registry import registry
 from dshal_kernels import GemmDefines, QuantizeDefines, source
+from tests.requirements import require_backend
 
-_BACKEND = registry.backends().get("opencl")
-if _BACKEND is None or not _BACKEND.available:
-    pytest.skip("the opencl backend is not installed or has no device: "
-                f"{_BACKEND.unavailable_reason() if _BACKEND else 'not installed'}",
-                allow_module_level=True)
+_BACKEND = require_backend("opencl")
 pytestmark = pytest.mark.xdist_group("opencl")
 
 from dshal_opencl import cache, plugin  # noqa: E402

@@ -13,14 +13,10 @@ import pytest
 pytest.importorskip("pyopencl")
 
 from dshal import ops, reference
-from dshal.registry import registry
 from tests.backward_data import CASES, grads, inputs
+from tests.requirements import require_backend
 
-_BACKEND = registry.backends().get("opencl")
-if _BACKEND is None or not _BACKEND.available:
-    pytest.skip("the opencl backend is not installed or has no device: "
-                f"{_BACKEND.unavailable_reason() if _BACKEND else 'not installed'}",
-                allow_module_level=True)
+require_backend("opencl")
 pytestmark = pytest.mark.xdist_group("opencl")
 
 

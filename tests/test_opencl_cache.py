@@ -13,12 +13,10 @@ import pytest
 
 pytest.importorskip("pyopencl")
 
-from dshal.registry import registry
 from dshal_kernels import GemmDefines, QuantizeDefines
+from tests.requirements import require_backend
 
-_BACKEND = registry.backends().get("opencl")
-if _BACKEND is None or not _BACKEND.available:
-    pytest.skip("the opencl backend is not installed or has no device", allow_module_level=True)
+require_backend("opencl")
 pytestmark = pytest.mark.xdist_group("opencl")
 
 from dshal_opencl import cache  # noqa: E402

@@ -10,12 +10,10 @@ pytest.importorskip("pyopencl")
 
 import dshal
 import dshal.reference as ref
-from dshal.registry import registry
+from tests.requirements import require_backend
 from tests.serving_data import block_means, ragged
 
-_BACKEND = registry.backends().get("opencl")
-if _BACKEND is None or not _BACKEND.available:
-    pytest.skip("the opencl backend is not installed or has no device", allow_module_level=True)
+_BACKEND = require_backend("opencl")
 pytestmark = pytest.mark.xdist_group("opencl")
 
 BS = 8

@@ -30,12 +30,9 @@ from dshal.dtypes import PRECISIONS  # noqa: E402
 from dshal.registry import registry  # noqa: E402
 from dshal_conformance.devices import Target  # noqa: E402
 from tests import op_cases  # noqa: E402
+from tests.requirements import require_backend  # noqa: E402
 
-_BACKEND = registry.backends().get("torch")
-if _BACKEND is None or not _BACKEND.available:
-    pytest.skip("dshal-torch is not installed or unusable: "
-                f"{_BACKEND.unavailable_reason() if _BACKEND else 'not installed'}",
-                allow_module_level=True)
+require_backend("torch")
 
 from dshal_ascend import device as ascend_device  # noqa: E402
 from dshal_ascend import plugin as ascend_plugin  # noqa: E402
