@@ -20,7 +20,7 @@ selection as a constant (as NSA/DSA do).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,27 +114,40 @@ def block_means(k: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return sums / counts.to(cdt)[:, None]
 
 
+Scorer = Callable[[torch.Tensor, torch.Tensor, Geometry], torch.Tensor]
+
+
+def product_scores(q: torch.Tensor, keys: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """``scale * (sum of the g query heads) . key`` in the compute dtype: q's rows
+    [B, Hq, rows, D] against the blocks' keys [B, Hkv, nb, D] (means or summaries), as
+    [B, Hkv, rows, nb]."""
+    rows = q.shape[2]
+    qs = q.to(keys.dtype).reshape(geo.B, geo.Hkv, geo.g, rows, geo.D).sum(dim=2)
+    return geo.scale * (qs @ keys.transpose(-1, -2))
+
+
 def select(q: torch.Tensor, k: torch.Tensor, geo: Geometry, top_k: int | float,
-           summaries: torch.Tensor | None = None) -> torch.Tensor:
+           summaries: torch.Tensor | None = None, *, scores: Scorer = product_scores,
+           rows: int = _SCORE_ROWS) -> torch.Tensor:
     """bool [B, Hkv, Lq, nb]: the forced own block plus the ``top_k`` best candidates.
 
     Scores ``scale * (sum of the g query heads) . block mean`` (or . ``summaries``
     [B, Hkv, nb, D], the caller's block_keys), ranked descending with ties to the lower block,
-    non-finite scores after every finite one (lower block first among them).
+    non-finite scores after every finite one (lower block first among them). ``scores``
+    computes them ``rows`` queries at a time (:func:`product_scores` by default; dshal-triton
+    gives its block-score kernel).
     """
     device, cdt = q.device, compute_dtype(q.dtype)
     cand = candidates(geo, device)
     take = torch.from_numpy(np.asarray(resolve_count(top_k, cand.sum(-1).cpu().numpy())))
     take = take.to(device)
     own = own_blocks(geo, device)
-    kmean = (block_means(k, geo) if summaries is None else summaries.to(cdt)
-             ).transpose(-1, -2)  # [B, Hkv, D, nb]
+    keys = block_means(k, geo) if summaries is None else summaries.to(cdt)  # [B, Hkv, nb, D]
     sel = torch.zeros(geo.B, geo.Hkv, geo.Lq, geo.nb, dtype=torch.bool, device=device)
-    for i0 in range(0, geo.Lq, _SCORE_ROWS):
-        i1 = min(geo.Lq, i0 + _SCORE_ROWS)
-        qs = q[:, :, i0:i1].to(cdt).reshape(geo.B, geo.Hkv, geo.g, i1 - i0, geo.D).sum(dim=2)
-        scores = geo.scale * (qs @ kmean)  # [B, Hkv, rows, nb]
-        sel[:, :, i0:i1] = pick(scores, cand[i0:i1], take[i0:i1], own[i0:i1])
+    for i0 in range(0, geo.Lq, rows):
+        i1 = min(geo.Lq, i0 + rows)
+        sel[:, :, i0:i1] = pick(scores(q[:, :, i0:i1], keys, geo), cand[i0:i1], take[i0:i1],
+                                own[i0:i1])
     return sel
 
 
@@ -453,10 +466,12 @@ def _accumulate(acc: torch.Tensor, tile: Tile, part: torch.Tensor) -> None:
 # --- the backend entry point ------------------------------------------------------------------
 
 
-def selection(call: AttentionCall, geo: Geometry) -> torch.Tensor | None:
-    """The call's block selection mask, or None when it has none."""
+def selection(call: AttentionCall, geo: Geometry, **select_options: Any
+              ) -> torch.Tensor | None:
+    """The call's block selection mask, or None when it has none (``select_options``: how
+    :func:`select` scores the blocks)."""
     if call.top_k is not None and geo.nb:
-        return select(call.q, call.k, geo, call.top_k, call.block_keys)
+        return select(call.q, call.k, geo, call.top_k, call.block_keys, **select_options)
     if call.indices is not None:
         return indices_mask(call.indices, geo)
     if call.top_k is not None:  # no keys, no blocks: an empty selection

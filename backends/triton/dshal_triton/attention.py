@@ -14,20 +14,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import triton
 
-from dshal.calls import AttentionCall, resolve_count
-from dshal.torch.attention import (
-    Geometry,
-    block_means,
-    candidates,
-    indices_mask,
-    mask_to_indices,
-    own_blocks,
-    pick,
-)
+from dshal.calls import AttentionCall
+from dshal.torch.attention import Geometry, mask_to_indices, selection
 from dshal_triton import config
 from dshal_triton.device import upcast_bf16
 from dshal_triton.kernels.attention import LOG2E, attention_fwd_kernel, block_scores_kernel
@@ -40,40 +31,20 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(max(n, 1)))
 
 
-def select(q: torch.Tensor, k: torch.Tensor, geo: Geometry, top_k: int | float) -> torch.Tensor:
-    """bool [B, Hkv, Lq, nb]: the forced own block plus the ``top_k`` best candidates, scored by
-    the block-score kernel."""
-    device = q.device
-    cand = candidates(geo, device)
-    take = torch.from_numpy(np.asarray(resolve_count(top_k, cand.sum(-1).cpu().numpy())))
-    take = take.to(device)
-    own = own_blocks(geo, device)
-    kmean = block_means(k, geo).to(torch.float32).contiguous()  # [B, Hkv, nb, D]
-    sel = torch.zeros(geo.B, geo.Hkv, geo.Lq, geo.nb, dtype=torch.bool, device=device)
+def kernel_scores(q: torch.Tensor, keys: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """float32 [B, Hkv, rows, nb]: the block scores of q's rows [B, Hq, rows, D] against the
+    block means [B, Hkv, nb, D], by the block-score kernel (the scorer of
+    :func:`dshal.torch.attention.select`)."""
+    kmean = keys.to(torch.float32).contiguous()
+    rows = q.shape[2]
+    scores = torch.empty(geo.B, geo.Hkv, rows, geo.nb, dtype=torch.float32, device=q.device)
     bm, bn = config.SCORE_TILE
-    for i0 in range(0, geo.Lq, config.SCORE_ROWS):
-        i1 = min(geo.Lq, i0 + config.SCORE_ROWS)
-        qc = q[:, :, i0:i1]
-        scores = torch.empty(geo.B, geo.Hkv, i1 - i0, geo.nb, dtype=torch.float32,
-                             device=device)
-        grid = (triton.cdiv(i1 - i0, bm), triton.cdiv(geo.nb, bn), geo.B * geo.Hkv)
-        block_scores_kernel[grid](
-            qc, kmean, scores, i1 - i0, geo.nb, geo.Hkv, geo.scale, *qc.stride(),
-            *kmean.stride(), *scores.stride(), G=geo.g, D=geo.D, BD=_pow2(geo.D), BM=bm,
-            BN=bn, LOWP=q.dtype != torch.float32)
-        sel[:, :, i0:i1] = pick(scores, cand[i0:i1], take[i0:i1], own[i0:i1])
-    return sel
-
-
-def selection(call: AttentionCall, geo: Geometry) -> torch.Tensor | None:
-    """The call's block selection mask, or None when it has none."""
-    if call.top_k is not None and geo.nb:
-        return select(call.q, call.k, geo, call.top_k)
-    if call.indices is not None:
-        return indices_mask(call.indices, geo)
-    if call.top_k is not None:  # no keys, no blocks: an empty selection
-        return torch.zeros(geo.B, geo.Hkv, geo.Lq, 0, dtype=torch.bool, device=call.q.device)
-    return None
+    grid = (triton.cdiv(rows, bm), triton.cdiv(geo.nb, bn), geo.B * geo.Hkv)
+    block_scores_kernel[grid](
+        q, kmean, scores, rows, geo.nb, geo.Hkv, geo.scale, *q.stride(), *kmean.stride(),
+        *scores.stride(), G=geo.g, D=geo.D, BD=_pow2(geo.D), BM=bm, BN=bn,
+        LOWP=q.dtype != torch.float32)
+    return scores
 
 
 def sparse_attention(call: AttentionCall) -> tuple[Any, Any, Any]:
@@ -81,7 +52,7 @@ def sparse_attention(call: AttentionCall) -> tuple[Any, Any, Any]:
     q, k, v = call.q, call.k, call.v
     geo = Geometry.of(q, k, v, block_size=call.block_size, window=call.window,
                       causal=call.causal, scale=call.scale)
-    sel = selection(call, geo)
+    sel = selection(call, geo, scores=kernel_scores, rows=config.SCORE_ROWS)
     listed = mask_to_indices(sel) if sel is not None else \
         torch.empty(geo.B, geo.Hkv, geo.Lq, 0, dtype=torch.int64, device=q.device)
     out = torch.zeros(geo.B, geo.Hq, geo.Lq, geo.Dv, dtype=q.dtype, device=q.device)
