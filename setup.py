@@ -20,13 +20,14 @@ unix = sys.platform != "win32"
 flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"] if unix else []
 backward_flags = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd"] \
     if unix else []
-header = ["dshal/backends/numpy/_exp2.h"]
+exp2 = ["dshal/backends/numpy/_exp2.h"]
+buffers = ["dshal/backends/numpy/_buffer.h"]
 setup(ext_modules=[
     Extension("dshal.backends.numpy._native", ["dshal/backends/numpy/_native.c"],
-              depends=header, extra_compile_args=flags, optional=True),
+              depends=exp2, extra_compile_args=flags, optional=True),
     Extension("dshal.backends.numpy._backward", ["dshal/backends/numpy/_backward.c"],
-              depends=header, extra_compile_args=backward_flags, optional=True),
+              depends=exp2 + buffers, extra_compile_args=backward_flags, optional=True),
     # the fused decode of the serving forms (dshal/backends/numpy/decode.py)
     Extension("dshal.backends.numpy._decode", ["dshal/backends/numpy/_decode.c"],
-              extra_compile_args=flags, optional=True),
+              depends=buffers, extra_compile_args=flags, optional=True),
 ])

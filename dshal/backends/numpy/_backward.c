@@ -40,6 +40,7 @@
 #endif
 #define EXP2_INLINE INLINE
 #include "_exp2.h"
+#include "_buffer.h"
 
 #define LOG2E 1.4426950408889634f
 
@@ -256,23 +257,6 @@ FAST static void backward_fast(const problem *a, Py_ssize_t i0, Py_ssize_t i1,
 
 /* ---- buffers ------------------------------------------------------------------------- */
 
-/* A C-contiguous buffer of `ndim` dimensions and `itemsize`-byte items (writable if asked);
- * its shape goes to `shape`. 0 on success, -1 with the error set (nothing held). */
-static int get(PyObject *obj, Py_buffer *view, int ndim, Py_ssize_t itemsize, int writable,
-               const char *name, Py_ssize_t *shape) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
-                           (writable ? PyBUF_WRITABLE : 0)) < 0)
-        return -1;
-    if (view->ndim != ndim || view->itemsize != itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous %d-D array of %zd-byte items",
-                     name, ndim, itemsize);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    for (int d = 0; d < ndim; d++) shape[d] = view->shape[d];
-    return 0;
-}
-
 PyDoc_STRVAR(attention_backward_doc,
 "attention_backward(q, k, v, lse, grad_out, grad_lse, indices, dq, dk, dv, i0, i1,\n"
 "                   block_size, window, causal, scale) -> None\n\n"
@@ -299,9 +283,10 @@ static PyObject *attention_backward(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     for (int n = 0; n < 10; n++) {
         if (o[n] == Py_None && (n == 5 || n == 6)) continue;
-        if (get(o[n], &views[n], ndims[n], n == 6 ? 8 : 4, n >= 7, names[n], shapes[n]) < 0)
+        if (get_buffer(o[n], &views[n], ndims[n], n == 6 ? 8 : 4, n >= 7, names[n]) < 0)
             goto done;
         held[n] = 1;
+        for (int d = 0; d < ndims[n]; d++) shapes[n][d] = views[n].shape[d];
     }
     problem a = {0};
     a.g = shapes[0][0], a.Lq = shapes[0][1], a.D = shapes[0][2];

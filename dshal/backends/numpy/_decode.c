@@ -13,18 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int get(PyObject *o, Py_buffer *b, int ndim, Py_ssize_t itemsize, int writable,
-               const char *name) {
-    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
-        return -1;
-    if (b->ndim != ndim || b->itemsize != itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous %d-D array of %zd-byte "
-                     "elements", name, ndim, itemsize);
-        PyBuffer_Release(b);
-        return -1;
-    }
-    return 0;
-}
+#include "_buffer.h"
 
 /* One (sequence, kv head): qt [D][g] (scaled, transposed), rows [N], out [g][Dv], lse [g]. */
 static int one(const float *qt, int g, Py_ssize_t D, const float *k, const float *v,
@@ -95,7 +84,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     static const char *names[6] = {"qt", "k", "v", "rows", "out", "lse"};
     int got = 0;
     for (; got < 6; got++)
-        if (get(o[got], &b[got], nd[got], size[got], got >= 4, names[got]) < 0) break;
+        if (get_buffer(o[got], &b[got], nd[got], size[got], got >= 4, names[got]) < 0) break;
     PyObject *result = NULL;
     if (got == 6) {
         Py_ssize_t M = b[0].shape[0], D = b[0].shape[1], g = b[0].shape[2];
