@@ -22,7 +22,7 @@ reference and the backends' general paths run each sequence as a contiguous call
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,3 +334,15 @@ def seq_summaries(bk: Any, seq: Seq, block_size: int, page_size: int) -> Any:
     if seq.pages is None:
         return bk[seq.kb, :, seq.nb0:seq.nb0 + nb]
     return seq_keys(bk, Seq(0, 0, 0, nb, 0, 0, seq.pages, 0))
+
+
+def padded_selections(picked: Sequence[tuple[Seq, Any]], B: int, Hkv: int, Lq: int,
+                      full: Callable[[tuple[int, int, int, int]], Any]) -> Any:
+    """The sequences' selections (``picked``: (sequence, [Hkv, lq, n]) pairs) at their rows of
+    the call's layout [B, Hkv, Lq, width], -1 padded to the widest; ``full(shape)`` makes the
+    -1 filled int64 array in the caller's library and device."""
+    width = max((x.shape[-1] for _, x in picked), default=0)
+    out = full((B, Hkv, Lq, width))
+    for seq, x in picked:
+        out[seq.b, :, seq.q0:seq.q0 + seq.lq, :x.shape[-1]] = x
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dshal import reference
-from dshal.forms import Seq, seq_keys, seq_summaries, sequences
+from dshal.forms import Seq, padded_selections, seq_keys, seq_summaries, sequences
 
 
 def _as_call(q: np.ndarray, k: np.ndarray, block_size: int, **forms: Any) -> SimpleNamespace:
@@ -56,8 +56,5 @@ def sparse_attention_forms(q: Any, k: Any, v: Any, *, top_k: int | float | None 
             picked.append((seq, sel[0]))
     if top_k is None and indices is None:
         return out, None, lse
-    width = max((s.shape[-1] for _, s in picked), default=0)
-    selection = np.full((B, Hkv, Lq, width), -1, np.int64)
-    for seq, sel in picked:
-        selection[seq.b, :, seq.q0:seq.q0 + seq.lq, :sel.shape[-1]] = sel
+    selection = padded_selections(picked, B, Hkv, Lq, lambda shape: np.full(shape, -1, np.int64))
     return out, selection, lse

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from dshal import ops
 from dshal.calls import AttentionCall
-from dshal.forms import seq_keys, seq_summaries, sequences
+from dshal.forms import padded_selections, seq_keys, seq_summaries, sequences
 from dshal.torch import attention
 
 _LIB = "dshal"
@@ -63,12 +63,9 @@ def sparse_attention_forms(call: AttentionCall) -> tuple[Any, Any, Any]:
         lse[s.b, :, rows] = seq_lse[0]
         if sel is not None:
             picked.append((s, sel[0]))
-    indices = None
-    if call.return_indices:
-        width = max((x.shape[-1] for _, x in picked), default=0)
-        indices = torch.full((B, Hkv, Lq, width), -1, dtype=torch.int64, device=q.device)
-        for s, x in picked:
-            indices[s.b, :, s.q0:s.q0 + s.lq, :x.shape[-1]] = x
+    indices = None if not call.return_indices else padded_selections(
+        picked, B, Hkv, Lq, lambda shape: torch.full(shape, -1, dtype=torch.int64,
+                                                     device=q.device))
     return out, indices, lse if call.return_lse else None
 
 

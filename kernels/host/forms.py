@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dshal.calls import AttentionCall
-from dshal.forms import seq_keys, sequences
+from dshal.forms import padded_selections, seq_keys, sequences
 from dshal_kernels.host import attention
 from dshal_kernels.host.session import Session
 
@@ -54,8 +54,5 @@ def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
             picked.append((seq, sel[0]))
     if not call.return_indices:
         return out, None, lse
-    width = max((x.shape[-1] for _, x in picked), default=0)
-    indices = xp.full((B, Hkv, Lq, width), -1, np.int64)
-    for seq, x in picked:
-        indices[seq.b, :, seq.q0:seq.q0 + seq.lq, :x.shape[-1]] = x
+    indices = padded_selections(picked, B, Hkv, Lq, lambda shape: xp.full(shape, -1, np.int64))
     return out, indices, lse
