@@ -182,8 +182,9 @@ class Target:
 KERNELS: dict[str, tuple[type[Defines], tuple[str, ...]]] = {
     "attention": (AttentionDefines, ("attn_block_means", "attn_scores", "attn_topk",
                                      "attn_idx_mask", "attn_compact", "attn_prep",
-                                     "attn_fwd", "attn_bwd_delta", "attn_bwd_dq",
-                                     "attn_bwd_dkv")),
+                                     "attn_fwd", "attn_seq_means", "attn_seq_scores",
+                                     "attn_seq_topk", "attn_seq_fwd", "attn_bwd_delta",
+                                     "attn_bwd_dq", "attn_bwd_dkv")),
     "gemm": (GemmDefines, ("gemm_pack_a", "gemm_pack_b", "gemm_pack_bt", "gemm_tile")),
     "quantize": (QuantizeDefines, ("quant_amax", "quant_scale", "quant_encode",
                                    "quant_round")),

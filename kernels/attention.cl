@@ -64,22 +64,18 @@ DEVICE int ranks_before(float sa, int a, float sb, int b) {
     return sa > sb || (sa == sb && a < b);
 }
 
-/* the selection mask row of query GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1); want[n] is
- * how many of n candidates top_k takes (the host applies the count/fraction rule) */
-KERNEL void attn_topk(GLOBAL const float* RESTRICT scores, GLOBAL const int* RESTRICT want,
-                      GLOBAL uchar* RESTRICT mask, int BH, int Lq, int Lk, int nb, int bs,
-                      int causal) {
-    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
-    if (i >= Lq || bh >= BH) return;
-    int p = i + Lk - Lq;
+/* the selection mask row m (width entries, nb blocks) of the query at key position p of a
+ * sequence of Lk keys, from its score row s; want[n] is how many of n candidates top_k takes
+ * (the host applies the count/fraction rule) */
+DEVICE void topk_row(GLOBAL const float* RESTRICT s, GLOBAL uchar* RESTRICT m,
+                     GLOBAL const int* RESTRICT want, int p, int Lk, int nb, int width, int bs,
+                     int causal) {
     int own = (p >= 0 && p < Lk) ? p / bs : -1;
     /* candidates: every block but the own one, or with causal the blocks before it */
     int hi = causal ? MAX(own, 0) : nb;
     int ncand = causal ? hi : (own >= 0 ? nb - 1 : nb);
     int take = want[ncand];
-    GLOBAL const float* s = scores + ((i64)bh * Lq + i) * nb;
-    GLOBAL uchar* m = mask + ((i64)bh * Lq + i) * nb;
-    for (int b = 0; b < nb; b++) m[b] = 0;
+    for (int b = 0; b < width; b++) m[b] = 0;
     if (take > ncand - take) { /* take all, then drop the ncand - take last-ranked */
         for (int b = 0; b < hi; b++) m[b] = (uchar)(b != own);
         for (int it = take; it < ncand; it++) {
@@ -98,6 +94,16 @@ KERNEL void attn_topk(GLOBAL const float* RESTRICT scores, GLOBAL const int* RES
         }
     }
     if (own >= 0) m[own] = 1;
+}
+
+/* the selection mask row of query GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1) */
+KERNEL void attn_topk(GLOBAL const float* RESTRICT scores, GLOBAL const int* RESTRICT want,
+                      GLOBAL uchar* RESTRICT mask, int BH, int Lq, int Lk, int nb, int bs,
+                      int causal) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    i64 row = ((i64)bh * Lq + i) * nb;
+    topk_row(scores + row, mask + row, want, i + Lk - Lq, Lk, nb, nb, bs, causal);
 }
 
 /* the caller's block indices [BH, Lq, n] (-1 ignored, duplicates once) -> mask row */
@@ -167,10 +173,34 @@ typedef struct {
     int seen;
 } attn_state;
 
+/* fold the KC scores s (unscaled dot products) of one head h into the online softmax state:
+ * entries outside [c0, c1) are dropped before any exp, so whatever they hold never reaches the
+ * state; on return s holds the probabilities (0 outside [c0, c1)) and acc[h] is rescaled, so
+ * the caller adds p * v of the chunk's keys [c0, c1) */
+DEVICE void fold_scores(attn_state* st, int h, float* s, int c0, int c1, float scale) {
+    float m = st->m[h], mn = m;
+#pragma unroll
+    for (int c = 0; c < KC; c++) {
+        float x = (c >= c0 && c < c1) ? s[c] * scale : -DSHAL_INF;
+        s[c] = x;
+        mn = x > mn ? x : mn; /* a NaN score keeps the max, and poisons l below */
+    }
+    float corr = mn == m ? 1.0f : dshal_exp_le0(m - mn), sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < KC; c++) {
+        float p = s[c] == -DSHAL_INF ? 0.0f : dshal_exp_le0(s[c] - mn);
+        s[c] = p;
+        sum += p;
+    }
+    st->m[h] = mn;
+    st->l[h] = st->l[h] * corr + sum;
+#pragma unroll
+    for (int e = 0; e < DV; e++) st->acc[h][e] *= corr;
+}
+
 /* fold keys [j0, j1) of one (batch, kv head) into the state, a chunk of KC keys at a time:
  * scores for the whole chunk (independent accumulators along the chunk, so they vectorize),
- * keys outside [j0, j1) then dropped by selection before any exp or product, so whatever they
- * hold never reaches the state */
+ * keys outside [j0, j1) then dropped by fold_scores */
 DEVICE void attend(attn_state* st, GLOBAL const float* RESTRICT kt,
                    GLOBAL const float* RESTRICT vf, int j0, int j1, float scale) {
     if (j1 <= j0) return;
@@ -192,24 +222,7 @@ DEVICE void attend(attn_state* st, GLOBAL const float* RESTRICT kt,
             }
         }
         for (int h = 0; h < HPW; h++) {
-            float m = st->m[h], mn = m;
-#pragma unroll
-            for (int c = 0; c < KC; c++) {
-                float x = (c >= c0 && c < c1) ? s[h][c] * scale : -DSHAL_INF;
-                s[h][c] = x;
-                mn = x > mn ? x : mn; /* a NaN score keeps the max, and poisons l below */
-            }
-            float corr = mn == m ? 1.0f : dshal_exp_le0(m - mn), sum = 0.0f;
-#pragma unroll
-            for (int c = 0; c < KC; c++) {
-                float p = s[h][c] == -DSHAL_INF ? 0.0f : dshal_exp_le0(s[h][c] - mn);
-                s[h][c] = p;
-                sum += p;
-            }
-            st->m[h] = mn;
-            st->l[h] = st->l[h] * corr + sum;
-#pragma unroll
-            for (int e = 0; e < DV; e++) st->acc[h][e] *= corr;
+            fold_scores(st, h, s[h], c0, c1, scale);
             for (int c = c0; c < c1; c++) {
                 float p = s[h][c];
                 GLOBAL const float* vr = vf + (i64)(cb * KC + c) * DV;
@@ -219,6 +232,35 @@ DEVICE void attend(attn_state* st, GLOBAL const float* RESTRICT kt,
         }
     }
     st->seen += j1 - j0;
+}
+
+/* the state of HPW query heads (rows h0.. of q viewed as [B*Hq, Lq, D]) at query i */
+DEVICE void attn_init(attn_state* st, GLOBAL const X_T* RESTRICT q, int h0, int Lq, int i) {
+    for (int h = 0; h < HPW; h++) {
+        GLOBAL const X_T* qr = q + ((i64)(h0 + h) * Lq + i) * D;
+        for (int d = 0; d < D; d++) st->q[h][d] = X_LOAD(qr[d]);
+        for (int e = 0; e < DV; e++) st->acc[h][e] = 0.0f;
+        st->m[h] = -DSHAL_INF;
+        st->l[h] = 0.0f;
+    }
+    st->seen = 0;
+}
+
+/* out (and lse when write_lse) of the state's heads: 0 and -inf where nothing was allowed */
+DEVICE void attn_store(const attn_state* st, GLOBAL X_T* RESTRICT out, GLOBAL float* RESTRICT lse,
+                       int write_lse, int h0, int Lq, int i) {
+    for (int h = 0; h < HPW; h++) {
+        i64 row = (i64)(h0 + h) * Lq + i;
+        float l = st->l[h];
+        for (int e = 0; e < DV; e++)
+            out[row * DV + e] = X_STORE(st->seen ? st->acc[h][e] / l : 0.0f);
+        if (write_lse) {
+            float r = st->m[h] + LOGF(l);
+            if (!st->seen) r = -DSHAL_INF;
+            else if (l == 0.0f) r = AS_FLOAT(0x7fc00000u); /* every allowed score was -inf */
+            lse[row] = r;
+        }
+    }
 }
 
 /* out [B, Hq, Lq, DV], lse [B, Hq, Lq] for query GLOBAL_ID(0) and head tile GLOBAL_ID(1) of
@@ -236,14 +278,7 @@ KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT 
     GLOBAL const float* kb = kt + (i64)bh * chunks * D * KC;
     GLOBAL const float* vb = vf + (i64)bh * Lk * DV;
     attn_state st;
-    for (int h = 0; h < HPW; h++) {
-        GLOBAL const X_T* qr = q + ((i64)(h0 + h) * Lq + i) * D;
-        for (int d = 0; d < D; d++) st.q[h][d] = X_LOAD(qr[d]);
-        for (int e = 0; e < DV; e++) st.acc[h][e] = 0.0f;
-        st.m[h] = -DSHAL_INF;
-        st.l[h] = 0.0f;
-    }
-    st.seen = 0;
+    attn_init(&st, q, h0, Lq, i);
     attn_span sp = attn_span_of(i, Lq, Lk, window, causal);
     int vis = sp.vis, w0 = sp.w0, w1 = sp.w1;
     attend(&st, kb, vb, w0, w1, scale);
@@ -256,18 +291,206 @@ KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT 
         attend(&st, kb, vb, MAX(j0, w1), j1, scale);
     }
 #endif
-    for (int h = 0; h < HPW; h++) {
-        i64 row = (i64)(h0 + h) * Lq + i;
-        float l = st.l[h];
-        for (int e = 0; e < DV; e++)
-            out[row * DV + e] = X_STORE(st.seen ? st.acc[h][e] / l : 0.0f);
-        if (write_lse) {
-            float r = st.m[h] + LOGF(l);
-            if (!st.seen) r = -DSHAL_INF;
-            else if (l == 0.0f) r = AS_FLOAT(0x7fc00000u); /* every allowed score was -inf */
-            lse[row] = r;
+    attn_store(&st, out, lse, write_lse, h0, Lq, i);
+}
+
+/* ---- the serving forms (DESIGN 3.1a) in one launch per stage ----
+ *
+ * A call holds S sequences. Query row (b, i) of q [B, Hq, Lq, D] belongs to sequence
+ * s = rowseq[b * Lq + i]; seqs[s] holds SEQ_FIELDS ints: its first query row q0, its lq
+ * queries and lk keys, its key offset k0, and where its block summaries live (sb, so, below).
+ * Key j (< lk) of sequence s and kv head t is row ((page * Hkv + t) * LKP + k0 + j % PS) of
+ * k [*, Hkv, LKP, D], page = tab[s * TP + j / PS]: a paged cache has PS = page size and tab its
+ * block_table; packed (varlen) or batched keys have one entry per sequence (its batch row) and
+ * PS larger than any length. Every rule (alignment, blocks, window, selection) is the
+ * contiguous one of the sequence's own rows and keys; no key at or past lk is ever read, so
+ * whatever page slots past seqlens_k and unused pages hold cannot leak.
+ *
+ * Summaries (the selection score's block keys, float32 [*, Hkv, NBP, D]): block c of sequence s
+ * is row ((tab[s * TP + c / SBP] * Hkv + t) * NBP + c % SBP) when paged (SBP blocks per page),
+ * else row ((sb * Hkv + t) * NBP + so + c). The caller's block_keys, or the block means that
+ * attn_seq_means writes (sb = 0, so = the blocks of the sequences before). With block_keys no
+ * key is read for ranking; attn_seq_fwd reads only the allowed keys (window and selected
+ * blocks), straight from the pages. */
+#define SEQ_FIELDS 6
+
+typedef struct {
+    int s, i, lq, lk, k0, sb, so;
+} seq_row;
+
+/* the sequence of query row i of batch b, with i counted from the sequence's first row */
+DEVICE seq_row seq_row_of(GLOBAL const int* RESTRICT rowseq, GLOBAL const int* RESTRICT seqs,
+                          int b, int i, int Lq) {
+    seq_row r;
+    r.s = rowseq[(i64)b * Lq + i];
+    GLOBAL const int* f = seqs + (i64)r.s * SEQ_FIELDS;
+    r.i = i - f[0];
+    r.lq = f[1];
+    r.lk = f[2];
+    r.k0 = f[3];
+    r.sb = f[4];
+    r.so = f[5];
+    return r;
+}
+
+/* where the keys of one sequence and kv head live (see above) */
+typedef struct {
+    GLOBAL const int* tab;
+    i64 base; /* s * TP */
+    int t, Hkv, PS, LKP, k0;
+} seq_keys;
+
+DEVICE seq_keys seq_keys_of(GLOBAL const int* tab, int s, int TP, int t, int Hkv, int PS,
+                            int LKP, int k0) {
+    seq_keys sk;
+    sk.tab = tab;
+    sk.base = (i64)s * TP;
+    sk.t = t;
+    sk.Hkv = Hkv;
+    sk.PS = PS;
+    sk.LKP = LKP;
+    sk.k0 = k0;
+    return sk;
+}
+
+/* the row of key j in k [*, Hkv, LKP, D] */
+DEVICE i64 key_row(const seq_keys* sk, int j) {
+    i64 page = sk->tab[sk->base + j / sk->PS];
+    return (page * sk->Hkv + sk->t) * sk->LKP + sk->k0 + j % sk->PS;
+}
+
+/* block means of block GLOBAL_ID(0) of (sequence s, kv head t) = GLOBAL_ID(1) = s * Hkv + t
+ * -> means [Hkv, NBP, D] at row (t * NBP + so + block); a block never straddles pages */
+KERNEL void attn_seq_means(GLOBAL const X_T* RESTRICT k, GLOBAL const int* RESTRICT tab,
+                           GLOBAL const int* RESTRICT seqs, GLOBAL float* RESTRICT means,
+                           int S, int Hkv, int TP, int PS, int LKP, int NBP, int NBM, int bs) {
+    int blk = GLOBAL_ID(0), st = GLOBAL_ID(1);
+    if (blk >= NBM || st >= S * Hkv) return;
+    int s = st / Hkv, t = st % Hkv;
+    GLOBAL const int* f = seqs + (i64)s * SEQ_FIELDS;
+    int lk = f[2], j0 = blk * bs, n = MIN(lk, j0 + bs) - j0;
+    if (n <= 0) return;
+    seq_keys sk = seq_keys_of(tab, s, TP, t, Hkv, PS, LKP, f[3]);
+    GLOBAL const X_T* kb = k + key_row(&sk, j0) * D;
+    GLOBAL float* mr = means + ((i64)t * NBP + f[5] + blk) * D;
+    for (int d = 0; d < D; d++) {
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) acc += X_LOAD(kb[(i64)j * D + d]);
+        mr[d] = acc / (float)n;
+    }
+}
+
+/* selection scores [B*Hkv, Lq, NBM] of query GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1):
+ * scale * (sum of the g query heads) . summary, for the blocks of the query's sequence */
+KERNEL void attn_seq_scores(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT summ,
+                            GLOBAL const int* RESTRICT tab, GLOBAL const int* RESTRICT rowseq,
+                            GLOBAL const int* RESTRICT seqs, GLOBAL float* RESTRICT scores,
+                            int BH, int Hkv, int g, int Lq, int NBM, int bs, int TP,
+                            int sum_paged, int SBP, int NBP, float scale) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    int t = bh % Hkv;
+    seq_row r = seq_row_of(rowseq, seqs, bh / Hkv, i, Lq);
+    int nb = (r.lk + bs - 1) / bs;
+    float qs[D];
+    for (int d = 0; d < D; d++) qs[d] = 0.0f;
+    for (int h = 0; h < g; h++) {
+        GLOBAL const X_T* qr = q + (((i64)bh * g + h) * Lq + i) * D;
+        for (int d = 0; d < D; d++) qs[d] += X_LOAD(qr[d]);
+    }
+    GLOBAL float* out = scores + ((i64)bh * Lq + i) * NBM;
+    for (int c = 0; c < nb; c++) {
+        i64 row = sum_paged
+            ? ((i64)tab[(i64)r.s * TP + c / SBP] * Hkv + t) * NBP + c % SBP
+            : ((i64)r.sb * Hkv + t) * NBP + r.so + c;
+        GLOBAL const float* km = summ + row * D;
+        float acc = 0.0f;
+        for (int d = 0; d < D; d++) acc += qs[d] * km[d];
+        out[c] = acc * scale;
+    }
+}
+
+/* the selection mask row [B*Hkv, Lq, NBM] of query GLOBAL_ID(0) of (batch, kv head)
+ * GLOBAL_ID(1), aligned bottom-right within its sequence */
+KERNEL void attn_seq_topk(GLOBAL const float* RESTRICT scores, GLOBAL const int* RESTRICT want,
+                          GLOBAL const int* RESTRICT rowseq, GLOBAL const int* RESTRICT seqs,
+                          GLOBAL uchar* RESTRICT mask, int BH, int Hkv, int Lq, int NBM, int bs,
+                          int causal) {
+    int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
+    if (i >= Lq || bh >= BH) return;
+    seq_row r = seq_row_of(rowseq, seqs, bh / Hkv, i, Lq);
+    i64 row = ((i64)bh * Lq + i) * NBM;
+    topk_row(scores + row, mask + row, want, r.i + r.lk - r.lq, r.lk, (r.lk + bs - 1) / bs,
+             NBM, bs, causal);
+}
+
+/* fold keys [j0, j1) of one sequence and kv head into the state, read through its pages, KC
+ * at a time: a chunk's slots past j1 repeat key j0 (read, then dropped by fold_scores), so
+ * no key outside [j0, j1) is ever loaded */
+DEVICE void attend_seq(attn_state* st, GLOBAL const X_T* RESTRICT k,
+                       GLOBAL const X_T* RESTRICT v, const seq_keys* sk, int j0, int j1,
+                       float scale) {
+    for (int j = j0; j < j1; j += KC) {
+        int n = MIN(KC, j1 - j);
+        i64 rows[KC];
+#pragma unroll
+        for (int c = 0; c < KC; c++) rows[c] = key_row(sk, c < n ? j + c : j0);
+        float s[HPW][KC];
+        for (int h = 0; h < HPW; h++)
+#pragma unroll
+            for (int c = 0; c < KC; c++) s[h][c] = 0.0f;
+        for (int d = 0; d < D; d++) {
+            float kd[KC];
+#pragma unroll
+            for (int c = 0; c < KC; c++) kd[c] = X_LOAD(k[rows[c] * D + d]);
+            for (int h = 0; h < HPW; h++) {
+                float qd = st->q[h][d];
+#pragma unroll
+                for (int c = 0; c < KC; c++) s[h][c] += qd * kd[c];
+            }
+        }
+        for (int h = 0; h < HPW; h++) fold_scores(st, h, s[h], 0, n, scale);
+        for (int c = 0; c < n; c++) {
+            GLOBAL const X_T* vr = v + rows[c] * DV;
+            for (int e = 0; e < DV; e++) {
+                float ve = X_LOAD(vr[e]);
+                for (int h = 0; h < HPW; h++) st->acc[h][e] += s[h][c] * ve;
+            }
         }
     }
+    st->seen += MAX(j1 - j0, 0);
+}
+
+/* out [B, Hq, Lq, DV], lse [B, Hq, Lq] of query GLOBAL_ID(0) and head tile GLOBAL_ID(1) (as
+ * attn_fwd), its keys read from k/v through the pages of its sequence */
+KERNEL void attn_seq_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
+                         GLOBAL const X_T* RESTRICT v, GLOBAL const int* RESTRICT tab,
+                         GLOBAL const int* RESTRICT rowseq, GLOBAL const int* RESTRICT seqs,
+                         GLOBAL const uchar* RESTRICT mask, GLOBAL X_T* RESTRICT out,
+                         GLOBAL float* RESTRICT lse, int write_lse, int BH, int Hkv, int g,
+                         int Lq, int NBM, int bs, int TP, int PS, int LKP, int window,
+                         int causal, float scale) {
+    int i = GLOBAL_ID(0), tile = GLOBAL_ID(1);
+    int tiles = g / HPW, bh = tile / tiles;
+    if (i >= Lq || bh >= BH) return;
+    int h0 = bh * g + (tile % tiles) * HPW;
+    seq_row r = seq_row_of(rowseq, seqs, bh / Hkv, i, Lq);
+    seq_keys sk = seq_keys_of(tab, r.s, TP, bh % Hkv, Hkv, PS, LKP, r.k0);
+    attn_state st;
+    attn_init(&st, q, h0, Lq, i);
+    attn_span sp = attn_span_of(r.i, r.lq, r.lk, window, causal);
+    attend_seq(&st, k, v, &sk, sp.w0, sp.w1, scale);
+#if HAS_SEL
+    GLOBAL const uchar* m = mask + ((i64)bh * Lq + i) * NBM;
+    int nb = (r.lk + bs - 1) / bs;
+    for (int b = 0; b < nb; b++) {
+        if (!m[b]) continue;
+        int j0 = b * bs, j1 = MIN(sp.vis, j0 + bs);
+        attend_seq(&st, k, v, &sk, j0, MIN(j1, sp.w0), scale);
+        attend_seq(&st, k, v, &sk, MAX(j0, sp.w1), j1, scale);
+    }
+#endif
+    attn_store(&st, out, lse, write_lse, h0, Lq, i);
 }
 
 /* ---- the backward (DESIGN 3.1b): gradients over the forward's allowed keys only ----

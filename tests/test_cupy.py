@@ -92,8 +92,8 @@ def test_declaration_covers_every_operator_and_feature(vendor):
     assert spec.name == vendor.name and spec.priority > 0
     assert set(spec.capabilities) == set(FEATURES) and spec.plugin_api == (1, 2)
     for op, cap in spec.capabilities.items():
-        # plugin API 2 for the backward and varlen, without paged and block_keys
-        assert cap.features == FEATURES[op] - {"paged", "block_keys"} and cap.deterministic
+        # plugin API 2: the backward and the varlen, paged and block_keys forms
+        assert cap.features == FEATURES[op] and cap.deterministic
         assert cap.dtypes >= {"float16", "bfloat16", "float32"}
     gemm = spec.capabilities["gemm"]
     assert gemm.precisions == frozenset(PRECISIONS)

@@ -1,5 +1,7 @@
 """The 3.1a forms (varlen, paged, block_keys) on the OpenCL kernels (PoCL's CPU device in CI),
-against the float64 reference; the whole conformance of the forms is ``dshal certify opencl``."""
+against the float64 reference and the numpy backend; the whole conformance of the forms is
+``dshal certify opencl``. The forms run as one launch per stage (``attn_seq_*``), and a decode
+given block_keys reads only the keys it attends."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ pytest.importorskip("pyopencl")
 import dshal
 import dshal.reference as ref
 from tests.requirements import require_backend
-from tests.serving_data import block_means, ragged
+from tests.serving_data import paged_block_keys, ragged
 
 _BACKEND = require_backend("opencl")
 pytestmark = pytest.mark.xdist_group("opencl")
@@ -66,20 +68,112 @@ def test_paged_varlen_queries_match_reference():
     _close(got, ref.sparse_attention(q, kp, vp, **form))
 
 
-def test_block_keys_refused_with_a_reason():
-    """The kernels would convert every key of a decode given summaries (DESIGN 3.1a forbids
-    it): block_keys are not declared, and a forced call says so."""
+def test_block_keys_contiguous_follow_the_summaries():
+    """Summaries that disagree with the block means: the selection follows them."""
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in
                ((2, 4, 9, 16), (2, 2, 64, 16), (2, 2, 64, 16)))
-    bk = block_means(k, BS)
-    with pytest.raises(dshal.errors.UnsupportedError, match="block_keys"):
-        dshal.ops.sparse_attention(q, k, v, block_keys=bk, backend="opencl", top_k=2,
-                                   block_size=BS, causal=True)
+    bk = (3 * rng.standard_normal((2, 2, 64 // BS, 16))).astype(np.float32)
+    form = dict(block_keys=bk, top_k=2, block_size=BS, causal=True)
+    got = dshal.ops.sparse_attention(q, k, v, backend="opencl", return_indices=True,
+                                     return_lse=True, **form)
+    want = ref.sparse_attention(q, k, v, **form)
+    _close(got, want)
+    means = ref.sparse_attention(q, k, v, top_k=2, block_size=BS, causal=True)
+    assert not np.array_equal(want[1], means[1])  # the summaries change the selection
+
+
+def _paged_decode(seed: int = 6, ps: int = 32):
+    """Paged decode over shuffled pages with NaN in unused slots, and its block_keys."""
+    rd = ragged([1] * 5, [0, 5, 64, 200, 129], seed=seed)
+    kp, vp, table, seqlens = rd.paged(ps, np.random.default_rng(seed))
+    bk = paged_block_keys(kp, table, seqlens, BS)
+    return np.stack(rd.qs), kp, vp, dict(block_table=table, seqlens_k=seqlens, block_keys=bk)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3, window=16, causal=True), dict(top_k=0.3),
+                                dict(top_k=2, causal=True)])
+def test_paged_block_keys_decode_matches_numpy_and_reference(kw):
+    q, kp, vp, form = _paged_decode()
+    opts = dict(block_size=BS, return_indices=True, return_lse=True, **form, **kw)
+    got = dshal.ops.sparse_attention(q, kp, vp, backend="opencl", **opts)
+    _close(got, dshal.ops.sparse_attention(q, kp, vp, backend="numpy", **opts))
+    _close(got, ref.sparse_attention(q, kp, vp, block_size=BS, **form, **kw))
+
+
+def test_varlen_block_keys_and_paged_varlen_match_reference():
+    r = ragged([5, 12, 1, 0], [40, 64, 33, 9], seed=7)
+    q, k, v = r.packed()
+    rng = np.random.default_rng(8)
+    bk = (3 * rng.standard_normal((1, 2, sum(-(-n // BS) for n in (40, 64, 33, 9)),
+                                   16))).astype(np.float32)
+    form = dict(cu_seqlens_q=r.cu_q, cu_seqlens_k=r.cu_k, block_keys=bk, top_k=2,
+                block_size=BS, causal=True, window=3)
+    got = dshal.ops.sparse_attention(q, k, v, backend="opencl", return_indices=True,
+                                     return_lse=True, **form)
+    _close(got, ref.sparse_attention(q, k, v, **form))
+    kp, vp, table, seqlens = r.paged(16, rng)
+    pform = dict(cu_seqlens_q=r.cu_q, block_table=table, seqlens_k=seqlens,
+                 block_keys=paged_block_keys(kp, table, seqlens, BS), top_k=1, block_size=BS,
+                 causal=True, window=4)
+    got = dshal.ops.sparse_attention(q, kp, vp, backend="opencl", return_indices=True,
+                                     return_lse=True, **pform)
+    _close(got, ref.sparse_attention(q, kp, vp, **pform))
+
+
+def test_decode_with_block_keys_reads_only_the_allowed_keys():
+    """NaN in every key and value slot of the pool that no query may attend (besides the
+    garbage past seqlens_k and in unused pages): the selection comes from block_keys alone and
+    the attention pass reads only the window and the selected blocks, so the output is finite
+    and equals the clean call's."""
+    q, kp, vp, form = _paged_decode(seed=9)
+    kw = dict(top_k=2, window=8, causal=True, block_size=BS)
+    clean = ref.sparse_attention(q, kp, vp, **form, **kw)
+    sel = clean[1]  # [B, Hkv, 1, n] blocks of each sequence and kv head
+    ps = kp.shape[2]
+    kp2, vp2 = kp.copy(), vp.copy()
+    for b, n in enumerate(form["seqlens_k"]):
+        for t in range(kp.shape[1]):
+            allowed = np.zeros(n, bool)
+            allowed[max(0, n - kw["window"]):n] = True
+            for blk in sel[b, t, 0][sel[b, t, 0] >= 0]:
+                allowed[blk * BS:(blk + 1) * BS] = True
+            for j in np.flatnonzero(~allowed):
+                page = form["block_table"][b, j // ps]
+                kp2[page, t, j % ps] = np.nan
+                vp2[page, t, j % ps] = np.nan
+    got = dshal.ops.sparse_attention(q, kp2, vp2, backend="opencl", return_indices=True,
+                                     return_lse=True, **form, **kw)
+    assert np.isfinite(got[0]).all() and np.isnan(kp2).sum() > kp2.size // 2
+    _close(got, clean)
+
+
+def test_one_launch_per_stage_whatever_the_sequence_count(monkeypatch):
+    """The whole varlen/paged call runs in a fixed number of kernel launches: no loop over
+    sequences on the host."""
+    from dshal_opencl import device
+
+    launches = []
+    run = device.Session.run
+    monkeypatch.setattr(device.Session, "run",
+                        lambda self, kernel, *a: (launches.append(kernel.function_name),
+                                                  run(self, kernel, *a))[1])
+    counts = []
+    for S in (2, 24):
+        rd = ragged([1] * S, [40 + 7 * s for s in range(S)], seed=S)
+        kp, vp, table, seqlens = rd.paged(16, np.random.default_rng(S))
+        launches.clear()
+        dshal.ops.sparse_attention(np.stack(rd.qs), kp, vp, backend="opencl", top_k=2,
+                                   block_size=BS, causal=True, block_table=table,
+                                   seqlens_k=seqlens, return_indices=True)
+        counts.append(list(launches))
+    assert counts[0] == counts[1]
+    assert counts[0] == ["attn_seq_means", "attn_seq_scores", "attn_seq_topk",
+                         "attn_seq_fwd", "attn_compact"]
 
 
 def test_opencl_declares_the_serving_forms():
     spec = _BACKEND.spec
     assert spec.plugin_api[1] >= 2
     features = spec.capabilities["sparse_attention"].features
-    assert {"varlen", "paged"} <= features and "block_keys" not in features
+    assert {"varlen", "paged", "block_keys"} <= features

@@ -1,32 +1,121 @@
-"""The varlen and paged forms of ``sparse_attention`` (DESIGN 3.1a) on a device :class:`Session`.
+"""The varlen, paged and block_keys forms of ``sparse_attention`` (DESIGN 3.1a) on a device
+:class:`Session`, in one launch per stage for the whole call (kernels/attention.cl,
+``attn_seq_*``).
 
-Each sequence of the call (:func:`dshal.forms.sequences`) runs as one contiguous call of
-:func:`.attention.sparse_attention`: its query rows, its keys and values (a view into the packed
-arrays, or gathered from its pages in ``block_table`` order, never past ``seqlens_k``) and its
-``block_keys`` summaries. The kernels therefore see exactly the contiguous problem of each
-sequence, with alignment (causal offset, blocks, window) from the sequence start; the results
-are put back in the packed layout, indices -1 padded to the widest sequence. Contiguous calls go
-straight to :func:`.attention.sparse_attention`. ``block_keys`` are not served (the backends do
-not declare them): the kernels convert each sequence's keys whole, and DESIGN 3.1a forbids a
-decode given summaries to read every key.
+The host describes the call's sequences once, as small int32 arrays built with numpy (no loop
+over sequences): :class:`SeqLayout` maps each query row to its sequence, gives each sequence
+its rows, its key count and where its keys and block summaries live (a paged cache's
+``block_table``, or one batch row and offset per sequence). Then the kernels run as in the
+contiguous call: block means only when no ``block_keys`` are given, selection scores from the
+summaries, top-k (the contiguous rule per sequence), and the attention pass, which reads k and v
+through the pages and only at the keys each query may attend (window and selected blocks),
+never at or past a sequence's length. Contiguous calls without ``block_keys`` go to
+:func:`.attention.sparse_attention`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dshal.calls import AttentionCall
-from dshal.forms import padded_selections, seq_keys, sequences
+from dshal.calls import AttentionCall, resolve_count
+from dshal.forms import host_ints
+from dshal_kernels import AttentionDefines
 from dshal_kernels.host import attention
+from dshal_kernels.host.attention import _padded, heads_per_item
 from dshal_kernels.host.session import Session
+
+_I32, _F32 = np.int32, np.float32
+#: the page size of keys that are not paged: larger than any sequence, so j // PS is 0
+_UNPAGED = 2**30
 
 
 def uses_sequences(call: AttentionCall) -> bool:
-    """Whether the call packs several sequences (varlen) or reads a paged KV cache."""
-    return call.cu_seqlens_q is not None or call.block_table is not None
+    """Whether the call packs several sequences (varlen), reads a paged KV cache or brings
+    block summaries (then it runs on the ``attn_seq_*`` kernels)."""
+    return call.cu_seqlens_q is not None or call.block_table is not None \
+        or call.block_keys is not None
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """The sequences of a call as the ``attn_seq_*`` kernels read them (see attention.cl).
+
+    ``rowseq`` int32 [B * Lq]: the sequence of each query row; ``seqs`` int32 [S, 6]: q0, lq,
+    lk, k0, sb, so; ``table`` int32 [S, tp]: the pages (or batch row) of each sequence;
+    ``ps``: keys per page; ``nbm``: the most blocks of a sequence; ``nbs``: the blocks of all
+    sequences (rows of the block means); ``i_s``, ``seq`` int64 [B * Lq]: each row's query
+    index within its sequence and its sequence (for host-side widths)."""
+
+    rowseq: np.ndarray
+    seqs: np.ndarray
+    table: np.ndarray
+    ps: int
+    nbm: int
+    nbs: int
+    i_s: np.ndarray
+
+    @property
+    def tp(self) -> int:
+        return max(self.table.shape[1], 1)
+
+
+def seq_layout(call: AttentionCall) -> SeqLayout:
+    """The :class:`SeqLayout` of a validated call in any 3.1a form."""
+    B, _, Lq, _ = call.q.shape
+    lkp, bs = call.k.shape[2], call.block_size
+    if call.cu_seqlens_q is not None:
+        cq = host_ints(call.cu_seqlens_q)
+        q0, lq = cq[:-1], np.diff(cq)
+    else:
+        q0, lq = np.zeros(B, np.int64), np.full(B, Lq, np.int64)
+    S = lq.size
+    rowseq = np.repeat(np.arange(S), lq)
+    k0, sb = np.zeros(S, np.int64), np.zeros(S, np.int64)
+    if call.block_table is not None:
+        lk, ps = host_ints(call.seqlens_k), lkp
+        table = host_ints(call.block_table)
+        used = -(-lk // ps)
+        # entries past a sequence's used pages are never read: zero them so the table holds
+        # only valid int32 page numbers
+        table = np.where(np.arange(table.shape[1])[None, :] < used[:, None], table, 0)
+    else:
+        ps = _UNPAGED
+        if call.cu_seqlens_k is not None:
+            ck = host_ints(call.cu_seqlens_k)
+            k0, lk = ck[:-1], np.diff(ck)
+            table = np.zeros((S, 1), np.int64)
+        else:  # a contiguous batch with block_keys: sequence b is batch row b
+            lk = np.full(S, lkp, np.int64)
+            table = np.arange(S)[:, None]
+            if call.block_keys is not None:
+                sb = np.arange(S)
+    nb = -(-lk // bs)
+    so = np.concatenate(([0], np.cumsum(nb)[:-1])) if S else nb
+    if call.block_keys is not None and call.cu_seqlens_k is None:
+        so = np.zeros(S, np.int64)  # batched or paged summaries: no offset
+    seqs = np.stack([q0, lq, lk, k0, sb, so], axis=1).astype(np.int32)
+    i_s = np.arange(rowseq.size) % max(Lq, 1) - q0[rowseq]  # row (b, i) is b * Lq + i
+    return SeqLayout(rowseq.astype(np.int32), seqs, table.astype(np.int32), ps,
+                     int(nb.max(initial=0)), int(nb.sum()), i_s)
+
+
+def selection_width(call: AttentionCall, lay: SeqLayout, host: Any) -> int:
+    """The widest selection of any query row (the width of the returned indices), computed
+    for all rows at once: each row's sequence gives its alignment and candidate blocks."""
+    if not call.return_indices or lay.nbm == 0 or lay.rowseq.size == 0:
+        return 0
+    if call.indices is not None:
+        return attention.selection_width(call, 0, 0, lay.nbm, host)
+    f = lay.seqs[lay.rowseq].astype(np.int64)
+    lq, lk, bs = f[:, 1], f[:, 2], call.block_size
+    p = lay.i_s + lk - lq
+    own = np.where((p >= 0) & (p < lk), p // bs, -1)
+    nb = -(-lk // bs)
+    n_cand = np.maximum(own, 0) if call.causal else np.where(own >= 0, nb - 1, nb)
+    return int(np.max(resolve_count(call.top_k, n_cand) + (own >= 0)))
 
 
 def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
@@ -35,24 +124,68 @@ def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
         return attention.sparse_attention(s, call)
     xp, q, k, v = s.xp, call.q, call.k, call.v
     B, Hq, Lq, _ = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
+    Hkv, lkp, Dv = k.shape[1], k.shape[2], v.shape[3]
+    lay = seq_layout(call)
     out = xp.zeros((B, Hq, Lq, Dv), q.dtype)
     lse = xp.full((B, Hq, Lq), -np.inf, np.float32) if call.return_lse else None
-    picked: list[tuple[Any, Any]] = []
-    for seq in sequences(call):
-        rows = slice(seq.q0, seq.q0 + seq.lq)
-        sub = dataclasses.replace(
-            call, q=q[seq.b:seq.b + 1, :, rows], k=seq_keys(k, seq)[None],
-            v=seq_keys(v, seq)[None],
-            indices=None if call.indices is None else call.indices[seq.b:seq.b + 1, :, rows],
-            cu_seqlens_q=None, cu_seqlens_k=None, block_table=None, seqlens_k=None)
-        o, sel, s_lse = attention.sparse_attention(s, sub)
-        out[seq.b, :, rows] = o[0]
-        if lse is not None:
-            lse[seq.b, :, rows] = s_lse[0]
-        if sel is not None:
-            picked.append((seq, sel[0]))
-    if not call.return_indices:
-        return out, None, lse
-    indices = padded_selections(picked, B, Hkv, Lq, lambda shape: xp.full(shape, -1, np.int64))
+    width = selection_width(call, lay, s.host)
+    indices = xp.full((B, Hkv, Lq, width), -1, np.int64) if call.return_indices else None
+    BH, nbm, bs = B * Hkv, lay.nbm, call.block_size
+    if BH * Lq == 0 or Hq == 0:
+        return out, indices, lse
+    g = Hq // Hkv
+    qp, kp, vp = _padded(xp, q), _padded(xp, k), _padded(xp, v)
+    D = qp.shape[-1]
+    has_sel = call.top_k is not None or call.indices is not None
+    hpw = heads_per_item(g, D, vp.shape[-1], s.cpu)
+    prg = s.program(AttentionDefines.make(np.dtype(q.dtype).name, D, vp.shape[-1], hpw,
+                                          has_sel))
+    qb, kb, vb = s.upload(qp, "q"), s.upload(kp, "k"), s.upload(vp, "v")
+    tab = s.upload(lay.table, "block_table")
+    rows, seqs = s.upload(lay.rowseq, "sequence of each row"), s.upload(lay.seqs, "sequences")
+    geo = (_I32(lay.tp), _I32(lay.ps), _I32(lkp))
+    mask = s.alloc(BH * Lq * nbm if has_sel else 1, "selection mask")
+    if call.top_k is not None and nbm:
+        summ, paged_summ, nbp = _summaries(s, prg, call, lay, (kb, tab, seqs), D)
+        scores = s.alloc(4 * BH * Lq * nbm, "selection scores")
+        s.run(prg.attn_seq_scores, (Lq, BH), qb, summ, tab, rows, seqs, scores, _I32(BH),
+              _I32(Hkv), _I32(g), _I32(Lq), _I32(nbm), _I32(bs), _I32(lay.tp),
+              _I32(paged_summ), _I32(max(lay.ps // bs, 1)), _I32(nbp), _F32(call.scale))
+        want = resolve_count(call.top_k, np.arange(nbm + 1)).astype(np.int32)
+        s.run(prg.attn_seq_topk, (Lq, BH), scores, s.upload(want, "want"), rows, seqs, mask,
+              _I32(BH), _I32(Hkv), _I32(Lq), _I32(nbm), _I32(bs), _I32(call.causal))
+    elif call.indices is not None and nbm:
+        idx = s.upload(call.indices, "indices", np.int32)
+        s.run(prg.attn_idx_mask, (Lq, BH), idx, mask, _I32(BH), _I32(Lq),
+              _I32(call.indices.shape[-1]), _I32(nbm))
+    ob = s.alloc(out.nbytes if Dv else q.dtype.itemsize * B * Hq * Lq, "out")
+    lb = s.alloc(4 * B * Hq * Lq if lse is not None else 4, "lse")
+    s.run(prg.attn_seq_fwd, (Lq, BH * (g // hpw)), qb, kb, vb, tab, rows, seqs, mask, ob, lb,
+          _I32(lse is not None), _I32(BH), _I32(Hkv), _I32(g), _I32(Lq), _I32(max(nbm, 1)),
+          _I32(bs), *geo, _I32(call.window), _I32(call.causal), _F32(call.scale))
+    if Dv:
+        out = s.download(ob, out.shape, q.dtype)
+    if lse is not None:
+        lse = s.download(lb, lse.shape, np.float32)
+    if indices is not None and width:
+        ib = s.alloc(4 * BH * Lq * width, "indices")
+        s.run(prg.attn_compact, (Lq, BH), mask, ib, _I32(BH), _I32(Lq), _I32(nbm), _I32(width))
+        indices = s.download(ib, indices.shape, np.int32).astype(np.int64)
     return out, indices, lse
+
+
+def _summaries(s: Session, prg: Any, call: AttentionCall, lay: SeqLayout,
+               bufs: tuple[Any, Any, Any], D: int) -> tuple[Any, bool, int]:
+    """(float32 summaries buffer, laid out by pages, its rows per kv head): the caller's
+    block_keys, else the block means of every sequence (the keys' one full read); ``bufs``:
+    the device k, table and sequences."""
+    if call.block_keys is not None:
+        bk = _padded(s.xp, call.block_keys)
+        return (s.upload(bk, "block_keys", np.float32), call.block_table is not None,
+                bk.shape[2])
+    Hkv, S = call.k.shape[1], lay.seqs.shape[0]
+    means = s.alloc(4 * Hkv * max(lay.nbs, 1) * D, "block means")
+    s.run(prg.attn_seq_means, (lay.nbm, S * Hkv), *bufs, means, _I32(S), _I32(Hkv), _I32(lay.tp),
+          _I32(lay.ps), _I32(call.k.shape[2]), _I32(lay.nbs), _I32(lay.nbm),
+          _I32(call.block_size))
+    return means, False, lay.nbs

@@ -15,19 +15,15 @@ MAX_HEAD_DIM = 256
 QUANTIZE_PRECISIONS = tuple(p for p in PRECISIONS if not p.startswith("fp8"))
 
 
-#: serving forms not declared (see declare)
-UNSERVED = frozenset({"paged", "block_keys"})
-
-
 def declare(vendor: Vendor) -> BackendSpec:
     """Every operator on float16/bfloat16/float32 CuPy arrays of ``vendor``'s devices (the
-    backward of sparse_attention included, plugin API 2, and the varlen form, one kernel call
-    per sequence; not paged (its page gather is unverified on a GPU) nor block_keys (the
-    kernels would read every key of a decode, which DESIGN 3.1a forbids)); gemm also takes
-    int8 storage and every precision (fp8 quantised on the fly from floats)."""
+    backward of sparse_attention included, plugin API 2, and the varlen, paged and block_keys
+    forms through the portable kernels' attn_seq_* launches, certified on OpenCL; their run
+    on a GPU is not yet certified); gemm also takes int8 storage and every precision (fp8
+    quantised on the fly from floats)."""
 
     def cap(op: str, dtypes=FLOATS, precisions=(), auto_order=(), limits=None) -> OpCapability:
-        return OpCapability(dtypes=dtypes, features=FEATURES[op] - UNSERVED,
+        return OpCapability(dtypes=dtypes, features=FEATURES[op],
                             precisions=precisions, auto_order=auto_order, limits=limits or {},
                             deterministic=True)
 

@@ -32,20 +32,15 @@ FLOATS = frozenset({"float16", "bfloat16", "float32"})
 MAX_HEAD_DIM = 256
 
 
-#: serving forms the kernels do not serve as DESIGN 3.1a requires
-UNSERVED = frozenset({"block_keys"})
-
-
 @hookimpl
 def dshal_backend_declare() -> BackendSpec:
     """Every operator and feature on float16/bfloat16/float32 (plus fp8/int8 gemm inputs),
-    with the varlen and paged forms of plugin API 2 (one contiguous kernel call per sequence,
-    dshal_kernels.host.forms) but not block_keys (DESIGN 3.1a: a decode given summaries must
-    not read every key, and the kernels still convert a sequence's keys whole); the backward
-    of sparse_attention (plugin API 2) with every feature."""
+    with the varlen, paged and block_keys forms of plugin API 2 (one launch per stage for the
+    whole call, dshal_kernels.host.forms: a decode given block_keys reads only the keys it
+    attends); the backward of sparse_attention (plugin API 2) with every feature."""
 
     def cap(op: str, dtypes=FLOATS, precisions=(), auto_order=(), limits=None) -> OpCapability:
-        return OpCapability(dtypes=dtypes, features=FEATURES[op] - UNSERVED,
+        return OpCapability(dtypes=dtypes, features=FEATURES[op],
                             precisions=precisions, auto_order=auto_order, limits=limits or {},
                             deterministic=True)
 
