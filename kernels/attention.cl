@@ -14,6 +14,10 @@
  * product, so NaN/Inf outside the allowed set cannot leak. Each key is loaded once for the HPW
  * heads that share it (GQA); softmax state per head in float32.
  *
+ * The serving forms (DESIGN 3.1a: varlen, paged, block_keys) run on attn_seq_means,
+ * attn_seq_scores, attn_seq_topk and attn_seq_fwd, one launch each for all of a call's
+ * sequences (see their section below).
+ *
  * Defines (dshal_kernels.AttentionDefines): D, DV head dims (>= 1); HPW heads per work-item;
  * KC keys per chunk; X_T, X_LOAD, X_STORE the dtype of q, k, v, out; HAS_SEL 1 when a
  * selection mask is used.

@@ -7,7 +7,7 @@ which each backend implements (``dshal_opencl.device.Session``, ``dshal_cupy.dev
 
 - :mod:`.attention`: ``sparse_attention`` (selection, then the online-softmax pass);
 - :mod:`.backward`: its backward (delta, dq per query, dk/dv per key);
-- :mod:`.forms`: its varlen and paged forms (DESIGN 3.1a), one contiguous call per sequence;
+- :mod:`.forms`: its varlen, paged and block_keys forms (DESIGN 3.1a), one launch per stage;
 - :mod:`.gemm`: ``quantize`` and the kernel path of ``gemm`` (packing, tiles, int8 groups);
 - :mod:`.gated`: ``gated_channels`` (masks, gating, the open-channel product).
 
