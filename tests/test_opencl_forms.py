@@ -148,6 +148,25 @@ def test_decode_with_block_keys_reads_only_the_allowed_keys():
     _close(got, clean)
 
 
+def test_pools_read_in_place_whatever_their_alignment_and_flags():
+    """The pools are device buffers over the caller's arrays on a CPU device (no copy): a
+    read-only pool and one at an odd address give the reference's result and stay as they
+    were."""
+    q, kp, vp, form = _paged_decode(seed=10)
+    kw = dict(top_k=2, window=8, causal=True, block_size=BS)
+    want = ref.sparse_attention(q, kp, vp, **form, **kw)
+    raw = np.empty(kp.size + 1, kp.dtype)
+    odd = raw[1:].reshape(kp.shape)  # 4 bytes past an aligned allocation
+    odd[...] = kp
+    vp.flags.writeable = False
+    before = (odd.copy(), vp.copy())
+    got = dshal.ops.sparse_attention(q, odd, vp, backend="opencl", return_indices=True,
+                                     return_lse=True, **form, **kw)
+    _close(got, want)
+    np.testing.assert_array_equal(odd, before[0])
+    np.testing.assert_array_equal(vp, before[1])
+
+
 def test_one_launch_per_stage_whatever_the_sequence_count(monkeypatch):
     """The whole varlen/paged call runs in a fixed number of kernel launches: no loop over
     sequences on the host."""

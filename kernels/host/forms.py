@@ -140,7 +140,8 @@ def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
     hpw = heads_per_item(g, D, vp.shape[-1], s.cpu)
     prg = s.program(AttentionDefines.make(np.dtype(q.dtype).name, D, vp.shape[-1], hpw,
                                           has_sel))
-    qb, kb, vb = s.upload(qp, "q"), s.upload(kp, "k"), s.upload(vp, "v")
+    # the pools are read in place where the device can (only the allowed rows are touched)
+    qb, kb, vb = s.upload(qp, "q"), s.view(kp, "k"), s.view(vp, "v")
     tab = s.upload(lay.table, "block_table")
     rows, seqs = s.upload(lay.rowseq, "sequence of each row"), s.upload(lay.seqs, "sequences")
     geo = (_I32(lay.tp), _I32(lay.ps), _I32(lkp))

@@ -42,6 +42,11 @@ class Session(Protocol):
         """``x`` (a host array, or an array of the backend's kind) as a contiguous device
         buffer, converted to ``dtype`` when given; ``what`` names it in errors."""
 
+    def view(self, x: Any, what: str) -> Any:
+        """Like :meth:`upload` for an input the kernels only read, without copying it where
+        the device can read ``x`` in place (a CPU OpenCL device, a CuPy array): a call then
+        costs what its kernels read, not the size of ``x`` (a paged cache's pool)."""
+
     def alloc(self, nbytes: int, what: str) -> Any:
         """An uninitialised device buffer of ``nbytes`` (at least 1)."""
 

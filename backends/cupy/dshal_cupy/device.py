@@ -180,6 +180,10 @@ class Session:
         nbytes = int(np.prod(x.shape)) * np.dtype(dtype or x.dtype).itemsize
         return self._new(lambda: xp.ascontiguousarray(xp.asarray(x, dtype)), nbytes, what)
 
+    def view(self, x: Any, what: str) -> Any:
+        """A buffer the kernels only read: a contiguous CuPy array is used as it is."""
+        return self.upload(x, what)
+
     def alloc(self, nbytes: int, what: str) -> Any:
         size = max(int(nbytes), 1)
         return self._new(lambda: self.xp.empty(size, np.uint8), size, what)

@@ -217,6 +217,24 @@ class Session:
         host = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
         return self.alloc(host.nbytes, what, host)
 
+    def view(self, x: Any, what: str) -> Any:
+        """A buffer the kernels only read: on a CPU device, a contiguous host array is used in
+        place (``CL_MEM_USE_HOST_PTR``, read-only: nothing is copied, so a call reads only the
+        parts its kernels touch, e.g. a decode's pages); else :meth:`upload`."""
+        import pyopencl as cl
+
+        x = np.asarray(x)
+        if not (self.cpu and x.nbytes and x.flags.c_contiguous):
+            return self.upload(x, what)
+        self.check_size(x.nbytes, what)
+        try:
+            buf = cl.Buffer(self.rt.context, cl.mem_flags.READ_ONLY | cl.mem_flags.USE_HOST_PTR,
+                            hostbuf=x)
+        except cl.Error as exc:
+            raise self.alloc_error(what, x.nbytes, exc) from exc
+        self._buffers.append(buf)
+        return buf
+
     def zeros(self, nbytes: int, what: str) -> Any:
         buf = self.alloc(nbytes, what)
         if nbytes:
