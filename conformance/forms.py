@@ -74,6 +74,14 @@ FORMS: tuple[tuple[str, dict[str, Any]], ...] = (
                                    summaries="random", opts=dict(top_k=3, block_size=16,
                                                                  causal=True,
                                                                  return_indices=True))),
+    # decode given summaries: NaN/inf in every key and value no query may attend (a backend
+    # that ranks from the keys or reads past the allowed ones is caught)
+    ("paged-decode-block-keys-nan-outside", dict(form="paged", lq=[1] * 4,
+                                                 lk=[90, 33, 200, 64], page_size=32,
+                                                 summaries="random", data="nan-outside",
+                                                 opts=dict(top_k=2, block_size=16, window=8,
+                                                           causal=True, return_indices=True,
+                                                           return_lse=True))),
 )
 
 

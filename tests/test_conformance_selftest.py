@@ -88,3 +88,16 @@ def test_numpy_backend_passes_full_certification(tmp_path, capsys) -> None:
     path.write_text(json.dumps(cert))
     assert main(["certify", "--verify", str(path)]) == 1
     assert "digest mismatch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["bb_nan_leak", "bb_pages_in_pool_order"])
+def test_decode_with_summaries_and_nan_outside_fails_mutants(broken: dict[str, Backend],
+                                                             name: str) -> None:
+    """The paged decode given block_keys with NaN/inf in every key no query may attend: a
+    backend that lets them leak or reads the wrong pages fails (the poison leaves only the
+    selected blocks with finite means, so ranking from the keys is caught by other cases)."""
+    runner = Runner(name, seed=0, mode="full")
+    cases = [c for c in runner.cases()
+             if c.id.startswith("sparse_attention/paged-decode-block-keys-nan-outside/")]
+    assert len(cases) == 3
+    assert all(r.status == FAIL for r in runner.run(cases))
