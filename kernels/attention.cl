@@ -315,11 +315,14 @@ KERNEL void attn_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT 
  * else row ((sb * Hkv + t) * NBP + so + c). The caller's block_keys, or the block means that
  * attn_seq_means writes (sb = 0, so = the blocks of the sequences before). With block_keys no
  * key is read for ranking; attn_seq_fwd reads only the allowed keys (window and selected
- * blocks), straight from the pages. */
-#define SEQ_FIELDS 6
+ * blocks), straight from the pages, KC keys at a time. Sequences whose keys are each read by
+ * many queries (prefill; the host decides, kto >= 0) are first converted by attn_seq_prep into
+ * the chunked float32 layout of attn_prep, at chunk offset kto of kt [Hkv, NCH, D, KC] and vf
+ * [Hkv, NCH * KC, DV], and attended from there as in attn_fwd. */
+#define SEQ_FIELDS 7
 
 typedef struct {
-    int s, i, lq, lk, k0, sb, so;
+    int s, i, lq, lk, k0, sb, so, kto;
 } seq_row;
 
 /* the sequence of query row i of batch b, with i counted from the sequence's first row */
@@ -334,6 +337,7 @@ DEVICE seq_row seq_row_of(GLOBAL const int* RESTRICT rowseq, GLOBAL const int* R
     r.k0 = f[3];
     r.sb = f[4];
     r.so = f[5];
+    r.kto = f[6];
     return r;
 }
 
@@ -428,6 +432,31 @@ KERNEL void attn_seq_topk(GLOBAL const float* RESTRICT scores, GLOBAL const int*
              NBM, bs, causal);
 }
 
+/* key GLOBAL_ID(0) of (sequence s, kv head t) = GLOBAL_ID(1) = s * Hkv + t, for the
+ * sequences with kto >= 0: kt[t][kto + j / KC][d][j % KC] = k (zero past lk) and
+ * vf[t][kto * KC + j][e] = v, both float32 */
+KERNEL void attn_seq_prep(GLOBAL const X_T* RESTRICT k, GLOBAL const X_T* RESTRICT v,
+                          GLOBAL const int* RESTRICT tab, GLOBAL const int* RESTRICT seqs,
+                          GLOBAL float* RESTRICT kt, GLOBAL float* RESTRICT vf, int S, int Hkv,
+                          int TP, int PS, int LKP, int NCH) {
+    int j = GLOBAL_ID(0), st = GLOBAL_ID(1);
+    if (st >= S * Hkv) return;
+    int s = st / Hkv, t = st % Hkv;
+    GLOBAL const int* f = seqs + (i64)s * SEQ_FIELDS;
+    int lk = f[2], kto = f[6];
+    if (kto < 0 || j >= (lk + KC - 1) / KC * KC) return;
+    GLOBAL float* dst = kt + ((i64)t * NCH + kto + j / KC) * D * KC + j % KC;
+    if (j >= lk) {
+        for (int d = 0; d < D; d++) dst[d * KC] = 0.0f;
+        return;
+    }
+    seq_keys sk = seq_keys_of(tab, s, TP, t, Hkv, PS, LKP, f[3]);
+    i64 row = key_row(&sk, j);
+    for (int d = 0; d < D; d++) dst[d * KC] = X_LOAD(k[row * D + d]);
+    GLOBAL float* vd = vf + ((i64)t * NCH * KC + (i64)kto * KC + j) * DV;
+    for (int e = 0; e < DV; e++) vd[e] = X_LOAD(v[row * DV + e]);
+}
+
 /* fold keys [j0, j1) of one sequence and kv head into the state, read through its pages, KC
  * at a time: a chunk's slots past j1 repeat key j0 (read, then dropped by fold_scores), so
  * no key outside [j0, j1) is ever loaded */
@@ -467,31 +496,45 @@ DEVICE void attend_seq(attn_state* st, GLOBAL const X_T* RESTRICT k,
 
 /* out [B, Hq, Lq, DV], lse [B, Hq, Lq] of query GLOBAL_ID(0) and head tile GLOBAL_ID(1) (as
  * attn_fwd), its keys read from k/v through the pages of its sequence */
+/* keys [j0, j1) of the row's sequence: from the converted chunks when it has them, else
+ * through its pages */
+DEVICE void attend_any(attn_state* st, GLOBAL const X_T* RESTRICT k,
+                       GLOBAL const X_T* RESTRICT v, const seq_keys* sk,
+                       GLOBAL const float* RESTRICT kt, GLOBAL const float* RESTRICT vf,
+                       int prepped, int j0, int j1, float scale) {
+    if (prepped) attend(st, kt, vf, j0, j1, scale);
+    else attend_seq(st, k, v, sk, j0, j1, scale);
+}
+
 KERNEL void attn_seq_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
-                         GLOBAL const X_T* RESTRICT v, GLOBAL const int* RESTRICT tab,
+                         GLOBAL const X_T* RESTRICT v, GLOBAL const float* RESTRICT kt,
+                         GLOBAL const float* RESTRICT vf, GLOBAL const int* RESTRICT tab,
                          GLOBAL const int* RESTRICT rowseq, GLOBAL const int* RESTRICT seqs,
                          GLOBAL const uchar* RESTRICT mask, GLOBAL X_T* RESTRICT out,
                          GLOBAL float* RESTRICT lse, int write_lse, int BH, int Hkv, int g,
-                         int Lq, int NBM, int bs, int TP, int PS, int LKP, int window,
+                         int Lq, int NBM, int bs, int TP, int PS, int LKP, int NCH, int window,
                          int causal, float scale) {
     int i = GLOBAL_ID(0), tile = GLOBAL_ID(1);
     int tiles = g / HPW, bh = tile / tiles;
     if (i >= Lq || bh >= BH) return;
-    int h0 = bh * g + (tile % tiles) * HPW;
+    int h0 = bh * g + (tile % tiles) * HPW, t = bh % Hkv;
     seq_row r = seq_row_of(rowseq, seqs, bh / Hkv, i, Lq);
-    seq_keys sk = seq_keys_of(tab, r.s, TP, bh % Hkv, Hkv, PS, LKP, r.k0);
+    seq_keys sk = seq_keys_of(tab, r.s, TP, t, Hkv, PS, LKP, r.k0);
+    int prepped = r.kto >= 0, kto = MAX(r.kto, 0);
+    GLOBAL const float* kc = kt + ((i64)t * NCH + kto) * D * KC;
+    GLOBAL const float* vc = vf + ((i64)t * NCH + kto) * KC * DV;
     attn_state st;
     attn_init(&st, q, h0, Lq, i);
     attn_span sp = attn_span_of(r.i, r.lq, r.lk, window, causal);
-    attend_seq(&st, k, v, &sk, sp.w0, sp.w1, scale);
+    attend_any(&st, k, v, &sk, kc, vc, prepped, sp.w0, sp.w1, scale);
 #if HAS_SEL
     GLOBAL const uchar* m = mask + ((i64)bh * Lq + i) * NBM;
     int nb = (r.lk + bs - 1) / bs;
     for (int b = 0; b < nb; b++) {
         if (!m[b]) continue;
         int j0 = b * bs, j1 = MIN(sp.vis, j0 + bs);
-        attend_seq(&st, k, v, &sk, j0, MIN(j1, sp.w0), scale);
-        attend_seq(&st, k, v, &sk, MAX(j0, sp.w1), j1, scale);
+        attend_any(&st, k, v, &sk, kc, vc, prepped, j0, MIN(j1, sp.w0), scale);
+        attend_any(&st, k, v, &sk, kc, vc, prepped, MAX(j0, sp.w1), j1, scale);
     }
 #endif
     attn_store(&st, out, lse, write_lse, h0, Lq, i);

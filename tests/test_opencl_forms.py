@@ -167,17 +167,27 @@ def test_pools_read_in_place_whatever_their_alignment_and_flags():
     np.testing.assert_array_equal(vp, before[1])
 
 
-def test_one_launch_per_stage_whatever_the_sequence_count(monkeypatch):
-    """The whole varlen/paged call runs in a fixed number of kernel launches: no loop over
-    sequences on the host."""
+def _launches(monkeypatch) -> list[str]:
+    """The names of the kernels the OpenCL sessions launch from now on (empty sizes skipped)."""
     from dshal_opencl import device
 
-    launches = []
+    launches: list[str] = []
     run = device.Session.run
-    monkeypatch.setattr(device.Session, "run",
-                        lambda self, kernel, *a: (launches.append(kernel.function_name),
-                                                  run(self, kernel, *a))[1])
-    counts = []
+
+    def counted(self, kernel, size, *args):
+        if min(size) > 0:
+            launches.append(kernel.function_name)
+        return run(self, kernel, size, *args)
+
+    monkeypatch.setattr(device.Session, "run", counted)
+    return launches
+
+
+def test_one_launch_per_stage_whatever_the_sequence_count(monkeypatch):
+    """The whole varlen/paged call runs in a fixed number of kernel launches: no loop over
+    sequences on the host. A decode reads its keys in place; a prefill converts them once."""
+    launches = _launches(monkeypatch)
+    decode, prefill = [], []
     for S in (2, 24):
         rd = ragged([1] * S, [40 + 7 * s for s in range(S)], seed=S)
         kp, vp, table, seqlens = rd.paged(16, np.random.default_rng(S))
@@ -185,10 +195,17 @@ def test_one_launch_per_stage_whatever_the_sequence_count(monkeypatch):
         dshal.ops.sparse_attention(np.stack(rd.qs), kp, vp, backend="opencl", top_k=2,
                                    block_size=BS, causal=True, block_table=table,
                                    seqlens_k=seqlens, return_indices=True)
-        counts.append(list(launches))
-    assert counts[0] == counts[1]
-    assert counts[0] == ["attn_seq_means", "attn_seq_scores", "attn_seq_topk",
-                         "attn_seq_fwd", "attn_compact"]
+        decode.append(list(launches))
+        rp = ragged([20 + s for s in range(S)], [20 + s for s in range(S)], seed=S)
+        q, k, v = rp.packed()
+        launches.clear()
+        dshal.ops.sparse_attention(q, k, v, backend="opencl", top_k=2, block_size=BS,
+                                   causal=True, cu_seqlens_q=rp.cu_q, cu_seqlens_k=rp.cu_k)
+        prefill.append(list(launches))
+    assert decode[0] == decode[1] == ["attn_seq_means", "attn_seq_scores", "attn_seq_topk",
+                                      "attn_seq_fwd", "attn_compact"]
+    assert prefill[0] == prefill[1] == ["attn_seq_means", "attn_seq_scores", "attn_seq_topk",
+                                        "attn_seq_prep", "attn_seq_fwd"]
 
 
 def test_opencl_declares_the_serving_forms():

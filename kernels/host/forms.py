@@ -43,11 +43,12 @@ def uses_sequences(call: AttentionCall) -> bool:
 class SeqLayout:
     """The sequences of a call as the ``attn_seq_*`` kernels read them (see attention.cl).
 
-    ``rowseq`` int32 [B * Lq]: the sequence of each query row; ``seqs`` int32 [S, 6]: q0, lq,
-    lk, k0, sb, so; ``table`` int32 [S, tp]: the pages (or batch row) of each sequence;
+    ``rowseq`` int32 [B * Lq]: the sequence of each query row; ``seqs`` int32 [S, 7]: q0, lq,
+    lk, k0, sb, so, kto; ``table`` int32 [S, tp]: the pages (or batch row) of each sequence;
     ``ps``: keys per page; ``nbm``: the most blocks of a sequence; ``nbs``: the blocks of all
-    sequences (rows of the block means); ``i_s``, ``seq`` int64 [B * Lq]: each row's query
-    index within its sequence and its sequence (for host-side widths)."""
+    sequences (rows of the block means); ``nch``: the key chunks converted by
+    ``attn_seq_prep`` (sequences with kto >= 0), ``pch`` the most of one sequence; ``i_s``
+    int64 [B * Lq]: each row's query index within its sequence (for host-side widths)."""
 
     rowseq: np.ndarray
     seqs: np.ndarray
@@ -55,6 +56,8 @@ class SeqLayout:
     ps: int
     nbm: int
     nbs: int
+    nch: int
+    pch: int
     i_s: np.ndarray
 
     @property
@@ -96,10 +99,28 @@ def seq_layout(call: AttentionCall) -> SeqLayout:
     so = np.concatenate(([0], np.cumsum(nb)[:-1])) if S else nb
     if call.block_keys is not None and call.cu_seqlens_k is None:
         so = np.zeros(S, np.int64)  # batched or paged summaries: no offset
-    seqs = np.stack([q0, lq, lk, k0, sb, so], axis=1).astype(np.int32)
+    chunks = np.where(_converted(call, lq, lk, nb), -(-lk // AttentionDefines.KC), 0)
+    kto = np.where(chunks > 0, np.cumsum(chunks) - chunks, -1)
+    seqs = np.stack([q0, lq, lk, k0, sb, so, kto], axis=1).astype(np.int32)
     i_s = np.arange(rowseq.size) % max(Lq, 1) - q0[rowseq]  # row (b, i) is b * Lq + i
     return SeqLayout(rowseq.astype(np.int32), seqs, table.astype(np.int32), ps,
-                     int(nb.max(initial=0)), int(nb.sum()), i_s)
+                     int(nb.max(initial=0)), int(nb.sum()), int(chunks.sum()),
+                     int(chunks.max(initial=0)), i_s)
+
+
+def _converted(call: AttentionCall, lq: np.ndarray, lk: np.ndarray, nb: np.ndarray
+               ) -> np.ndarray:
+    """Which sequences attn_seq_prep converts first: those whose queries read each key twice
+    or more on average (prefill), where the chunked float32 pass pays for the conversion; a
+    decode reads its few allowed keys in place."""
+    w, bs = call.window, call.block_size
+    if call.top_k is None and call.indices is None:
+        per = lk if w == 0 else np.minimum(lk, 2 * w)
+    else:
+        blocks = nb if call.indices is not None or isinstance(call.top_k, float) \
+            else np.minimum(nb, min(call.top_k, 2**40) + 1)
+        per = np.minimum(lk, blocks * bs + 2 * w)
+    return (lk > 0) & (lq * per >= 2 * lk)
 
 
 def selection_width(call: AttentionCall, lay: SeqLayout, host: Any) -> int:
@@ -159,11 +180,17 @@ def sparse_attention(s: Session, call: AttentionCall) -> tuple[Any, Any, Any]:
         idx = s.upload(call.indices, "indices", np.int32)
         s.run(prg.attn_idx_mask, (Lq, BH), idx, mask, _I32(BH), _I32(Lq),
               _I32(call.indices.shape[-1]), _I32(nbm))
+    kc = AttentionDefines.KC
+    kt = s.alloc(4 * Hkv * lay.nch * kc * D, "keys as float32")
+    vf = s.alloc(4 * Hkv * lay.nch * kc * vp.shape[-1], "values as float32")
+    s.run(prg.attn_seq_prep, (lay.pch * kc, lay.seqs.shape[0] * Hkv), kb, vb, tab, seqs, kt,
+          vf, _I32(lay.seqs.shape[0]), _I32(Hkv), *geo, _I32(lay.nch))
     ob = s.alloc(out.nbytes if Dv else q.dtype.itemsize * B * Hq * Lq, "out")
     lb = s.alloc(4 * B * Hq * Lq if lse is not None else 4, "lse")
-    s.run(prg.attn_seq_fwd, (Lq, BH * (g // hpw)), qb, kb, vb, tab, rows, seqs, mask, ob, lb,
-          _I32(lse is not None), _I32(BH), _I32(Hkv), _I32(g), _I32(Lq), _I32(max(nbm, 1)),
-          _I32(bs), *geo, _I32(call.window), _I32(call.causal), _F32(call.scale))
+    s.run(prg.attn_seq_fwd, (Lq, BH * (g // hpw)), qb, kb, vb, kt, vf, tab, rows, seqs, mask,
+          ob, lb, _I32(lse is not None), _I32(BH), _I32(Hkv), _I32(g), _I32(Lq),
+          _I32(max(nbm, 1)), _I32(bs), *geo, _I32(lay.nch), _I32(call.window),
+          _I32(call.causal), _F32(call.scale))
     if Dv:
         out = s.download(ob, out.shape, q.dtype)
     if lse is not None:
