@@ -494,8 +494,6 @@ DEVICE void attend_seq(attn_state* st, GLOBAL const X_T* RESTRICT k,
     st->seen += MAX(j1 - j0, 0);
 }
 
-/* out [B, Hq, Lq, DV], lse [B, Hq, Lq] of query GLOBAL_ID(0) and head tile GLOBAL_ID(1) (as
- * attn_fwd), its keys read from k/v through the pages of its sequence */
 /* keys [j0, j1) of the row's sequence: from the converted chunks when it has them, else
  * through its pages */
 DEVICE void attend_any(attn_state* st, GLOBAL const X_T* RESTRICT k,
@@ -506,6 +504,9 @@ DEVICE void attend_any(attn_state* st, GLOBAL const X_T* RESTRICT k,
     else attend_seq(st, k, v, sk, j0, j1, scale);
 }
 
+/* out [B, Hq, Lq, DV], lse [B, Hq, Lq] of query GLOBAL_ID(0) and head tile GLOBAL_ID(1) (as
+ * attn_fwd): its keys from kt/vf when attn_seq_prep converted its sequence, else read from k/v
+ * through the sequence's pages */
 KERNEL void attn_seq_fwd(GLOBAL const X_T* RESTRICT q, GLOBAL const X_T* RESTRICT k,
                          GLOBAL const X_T* RESTRICT v, GLOBAL const float* RESTRICT kt,
                          GLOBAL const float* RESTRICT vf, GLOBAL const int* RESTRICT tab,
