@@ -3,14 +3,16 @@ main's per-sequence loop), with the numpy backend in the same run.
 
 S sequences of mixed lengths (``--lengths``) in a :class:`dshal.serving.PagedKVCache` (pages
 interleaved in the pool, ``block_keys`` kept by the cache), one query each, Hq=8, Hkv=2, D=64,
-``top_k=4, window=64, causal``, float32, for each ``--block-size``. Rows (public API calls:
-validation and dispatch included) are timed alternately, best of ``--repeat``, after a pause.
+``top_k=4, window=64, causal``, float32, for each ``--block-size``; then a varlen prefill of
+S sequences of a quarter of those lengths (block 64). Rows (public API calls: validation and
+dispatch included) are timed alternately, best of ``--repeat``, after a pause.
 
-``--before DIR`` also times the paged call in a child process whose ``dshal_kernels`` is
-``DIR/dshal_kernels`` (e.g. main's ``kernels/``: ``git archive main kernels | tar -x -C X``,
-then ``mv X/kernels X/dshal_kernels``); that tree may not serve ``block_keys`` (main refuses
-them), so its row runs without them, as a user of it would. The child runs between two rounds
-of this process's rows, which are reported as the best of both rounds.
+``--before DIR`` also times the OpenCL calls without block_keys in a child process whose
+``dshal_kernels`` is ``DIR/dshal_kernels`` (e.g. main's ``kernels/``: ``git archive main
+kernels | tar -x -C X``, then ``mv X/kernels X/dshal_kernels``); that tree may not serve
+``block_keys`` (main refuses them), so its rows run without them, as a user of it would. The
+child runs between two rounds of this process's rows, which are reported as the best of both
+rounds.
 
     python benchmarks/quick_paged_opencl.py [--before DIR] [--repeat 5]
 """
@@ -34,6 +36,7 @@ from dshal.serving import PagedKVCache
 H, HKV, D, PAGE = 8, 2, 64, 64
 OPTS = dict(top_k=4, window=64, causal=True)
 MEANS = "opencl, means from the keys"
+PREFILL_BS = 64
 
 
 def paged_decode(lengths: list[int], bs: int) -> tuple[np.ndarray, PagedKVCache, dict]:
@@ -51,8 +54,8 @@ def paged_decode(lengths: list[int], bs: int) -> tuple[np.ndarray, PagedKVCache,
     return q, cache, cache.attention_args(seqs)
 
 
-def runs(q: np.ndarray, cache: PagedKVCache, args: dict, bs: int
-         ) -> dict[str, Callable[[], object]]:
+def decode_runs(lengths: list[int], bs: int) -> dict[str, Callable[[], object]]:
+    q, cache, args = paged_decode(lengths, bs)
     kp, vp = cache.k_pages, cache.v_pages
     plain = {n: x for n, x in args.items() if n != "block_keys"}
 
@@ -63,6 +66,34 @@ def runs(q: np.ndarray, cache: PagedKVCache, args: dict, bs: int
     return {"opencl + block_keys": call("opencl", args),
             MEANS: call("opencl", plain),
             "numpy + block_keys": call("numpy", args)}
+
+
+def prefill_runs(lengths: list[int]) -> dict[str, Callable[[], object]]:
+    """A varlen prefill (causal, queries = keys) of sequences of a quarter of ``lengths``."""
+    rng = np.random.default_rng(1)
+    lens = [n // 4 for n in lengths]
+    T = sum(lens)
+    q = rng.standard_normal((1, H, T, D), dtype=np.float32)
+    k, v = (rng.standard_normal((1, HKV, T, D), dtype=np.float32) for _ in range(2))
+    cu = np.concatenate(([0], np.cumsum(lens))).astype(np.int32)
+
+    def call(backend: str) -> Callable[[], object]:
+        return lambda: dshal.ops.sparse_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                  block_size=PREFILL_BS, backend=backend,
+                                                  **OPTS)
+
+    return {MEANS: call("opencl"), "numpy": call("numpy")}
+
+
+def cases(lengths: list[int], sizes: list[int]
+          ) -> dict[str, Callable[[], dict[str, Callable[[], object]]]]:
+    """title -> a maker of its rows (the first row is the one --before also times)."""
+    out = {f"paged decode, block_size {bs}": (lambda bs=bs: decode_runs(lengths, bs))
+           for bs in sizes}
+    lens = [n // 4 for n in lengths]
+    out[f"varlen prefill {lens} (total {sum(lens)}), block_size {PREFILL_BS}"] = \
+        lambda: prefill_runs(lengths)
+    return out
 
 
 def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -79,11 +110,11 @@ def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, floa
 
 
 def child(lengths: list[int], sizes: list[int], repeat: int) -> None:
-    """The --before side: time the paged call without block_keys, print JSON."""
+    """The --before side: time each case's opencl row without block_keys, print JSON."""
     out = {}
-    for bs in sizes:
-        plain = runs(*paged_decode(lengths, bs), bs)[MEANS]
-        out[str(bs)] = best_of({MEANS: plain}, repeat)[MEANS]
+    for title, make in cases(lengths, sizes).items():
+        fn = make()[MEANS]
+        out[title] = best_of({MEANS: fn}, repeat)[MEANS]
     print(json.dumps(out))
 
 
@@ -104,8 +135,8 @@ def main() -> None:
     print(f"S={len(lengths)} lengths {lengths}, Hq={H}, Hkv={HKV}, D={D}, page {PAGE}, "
           f"{OPTS}, float32, best of {a.repeat}; kernels from "
           f"{os.path.dirname(dshal_kernels.__file__)}")
-    cases = {bs: paged_decode(lengths, bs) for bs in sizes}
-    best = {bs: best_of(runs(*cases[bs], bs), a.repeat) for bs in sizes}
+    made = {title: make() for title, make in cases(lengths, sizes).items()}
+    best = {title: best_of(fns, a.repeat) for title, fns in made.items()}
     before = None
     if a.before:
         cmd = [sys.executable, __file__, "--child", "--repeat", str(a.repeat), "--lengths",
@@ -114,16 +145,14 @@ def main() -> None:
             [os.path.abspath(a.before), os.environ.get("PYTHONPATH", "")])}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         before = json.loads(done.stdout.strip().splitlines()[-1])
-    for bs in sizes:  # a second round after the child: the best of both
-        again = best_of(runs(*cases[bs], bs), a.repeat)
-        best[bs] = {n: min(t, again[n]) for n, t in best[bs].items()}
-    for bs in sizes:
-        rows = dict(best[bs])
+    for title, fns in made.items():  # a second round after the child: the best of both
+        again = best_of(fns, a.repeat)
+        best[title] = {n: min(t, again[n]) for n, t in best[title].items()}
+    for title, rows in best.items():
         if before is not None:
-            rows = {f"opencl before ({a.before}), means from the keys": before[str(bs)],
-                    **rows}
+            rows = {f"opencl before ({a.before}), means from the keys": before[title], **rows}
         peer = next(iter(rows))
-        print(f"### paged decode, block_size {bs}")
+        print(f"### {title}")
         print("| implementation | best | ratio (peer/this) |\n|---|---|---|")
         for name, t in rows.items():
             ratio = "" if name == peer else f"{rows[peer] / t:.2f}x vs {peer}"

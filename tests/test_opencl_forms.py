@@ -213,3 +213,21 @@ def test_opencl_declares_the_serving_forms():
     assert spec.plugin_api[1] >= 2
     features = spec.capabilities["sparse_attention"].features
     assert {"varlen", "paged", "block_keys"} <= features
+
+
+def test_quick_paged_opencl_runs_at_tiny_sizes(tmp_path):
+    """benchmarks/quick_paged_opencl.py prints its tables, with a --before tree (here this
+    checkout's kernels again, linked under tmp_path) timed in a child process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "dshal_kernels").symlink_to(root / "kernels")
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "quick_paged_opencl.py"),
+                          "--repeat", "1", "--lengths", "96,200", "--block-size", "16",
+                          "--before", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("### ") == 2 and run.stdout.count("opencl before") == 2
+    assert "opencl + block_keys" in run.stdout and "numpy + block_keys" in run.stdout
