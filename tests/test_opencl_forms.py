@@ -229,5 +229,5 @@ def test_quick_paged_opencl_runs_at_tiny_sizes(tmp_path):
                           "--before", str(tmp_path)], capture_output=True, text=True,
                          timeout=600, cwd=root)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("### ") == 2 and run.stdout.count("opencl before") == 2
+    assert run.stdout.count("### ") == 2 and run.stdout.count("| opencl before") == 2
     assert "opencl + block_keys" in run.stdout and "numpy + block_keys" in run.stdout
