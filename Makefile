@@ -25,7 +25,7 @@ BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backend
 
 $(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c \
 		dshal/backends/numpy/_backward.c dshal/backends/numpy/_exp2.h \
-		dshal/backends/numpy/_buffer.h \
+		dshal/backends/numpy/_buffer.h dshal/backends/numpy/_backward_tiles.h \
 		dshal/backends/numpy/_decode.c requirements-dev.txt \
 		$(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

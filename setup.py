@@ -26,7 +26,8 @@ setup(ext_modules=[
     Extension("dshal.backends.numpy._native", ["dshal/backends/numpy/_native.c"],
               depends=exp2, extra_compile_args=flags, optional=True),
     Extension("dshal.backends.numpy._backward", ["dshal/backends/numpy/_backward.c"],
-              depends=exp2 + buffers, extra_compile_args=backward_flags, optional=True),
+              depends=exp2 + buffers + ["dshal/backends/numpy/_backward_tiles.h"],
+              extra_compile_args=backward_flags, optional=True),
     # the fused decode of the serving forms (dshal/backends/numpy/decode.py)
     Extension("dshal.backends.numpy._decode", ["dshal/backends/numpy/_decode.c"],
               depends=buffers, extra_compile_args=flags, optional=True),

@@ -16,9 +16,19 @@ from tests.backward_data import CASES, grads, inputs
 pytestmark = pytest.mark.skipif(native.BACKWARD is None, reason=native.BACKWARD_STATUS)
 
 
+#: every build of the kernel's tiles this CPU runs (the best runs by default)
+ISAS = native.BACKWARD.SUPPORTED if native.BACKWARD is not None else ()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch) -> str:
+    monkeypatch.setattr(native, "BACKWARD_ISA", native.BACKWARD.ISAS.index(request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_matches_the_float64_reference(case, with_lse) -> None:
+def test_matches_the_float64_reference(case, with_lse, isa) -> None:
     got, ref = grads(case, np.random.default_rng(len(str(case))), "numpy", with_lse=with_lse)
     for name, x, want in zip("qkv", got, (ref.dq, ref.dk, ref.dv)):
         assert x.dtype == np.float32
@@ -26,7 +36,7 @@ def test_matches_the_float64_reference(case, with_lse) -> None:
         assert err <= 2e-5 * max(1.0, np.abs(want).max(initial=0)), (name, err)
 
 
-def test_caller_indices_duplicates_and_unused() -> None:
+def test_caller_indices_duplicates_and_unused(isa) -> None:
     rng = np.random.default_rng(1)
     idx = np.array([[[[3, 3, -1, 0], [-1, -1, -1, -1], [2, 1, 1, -1], [0, 3, 2, 1]]]])
     idx = np.repeat(idx, 5, axis=2)[:, :, :17]
@@ -40,7 +50,7 @@ def test_caller_indices_duplicates_and_unused() -> None:
         np.testing.assert_allclose(x, want, atol=2e-5)
 
 
-def test_nan_outside_the_allowed_set_and_empty_rows() -> None:
+def test_nan_outside_the_allowed_set_and_empty_rows(isa) -> None:
     rng = np.random.default_rng(2)
     q, k, v, out, lse, go, idx = inputs(rng, 1, 4, 2, 24, 96, 8, top_k=1, block_size=16,
                                          causal=True)
@@ -103,11 +113,36 @@ def test_kernel_argument_checks() -> None:
     f = np.zeros((2, 4, 3), np.float32)
     k = np.zeros((5, 3), np.float32)
     lse = np.zeros((2, 4), np.float32)
-    with pytest.raises(ValueError, match="disagree"):
-        lib.attention_backward(f, k, k, lse, f, None, None, f, k, k, 0, 9, 1, 0, False, 1.0)
+    with pytest.raises(ValueError, match="disagree"):  # 5 keys are 5 blocks of 1, not 9
+        lib.attention_backward(f, k, k, lse, lse, f, None, None, f, k, k, 0, 9, 1, 0, False,
+                               1.0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        lib.attention_backward(f[:, ::2], k, k, lse, f, None, None, f, k, k, 0, 1, 1, 0,
+        lib.attention_backward(f[:, ::2], k, k, lse, lse, f, None, None, f, k, k, 0, 1, 1, 0,
                                False, 1.0)
+    with pytest.raises(ValueError, match="isa 7"):
+        lib.attention_backward(f, k, k, lse, lse, f, None, None, f, k, k, 0, 5, 1, 0, False,
+                               1.0, 7)
+
+
+def test_every_build_of_the_tiles_agrees_and_the_status_names_the_one_that_runs() -> None:
+    """The builds sum in different orders (vector widths), so they agree to rounding; an ISA
+    asked for by DSHAL_NUMPY_BACKWARD_ISA is used when this CPU runs it."""
+    rng = np.random.default_rng(5)
+    q, k, v, out, lse, go, idx = inputs(rng, 2, 6, 2, 70, 90, 24, top_k=2, block_size=16,
+                                         window=5, causal=True)
+    runs = []
+    for name in ISAS:
+        dq, dk, dv = (np.zeros_like(x) for x in (q[0, :3], k[0, 0], v[0, 0]))
+        delta = np.einsum("hld,hld->hl", go[0, :3], out[0, :3])
+        native.BACKWARD.attention_backward(
+            q[0, :3], k[0, 0], v[0, 0], lse[0, :3], delta, go[0, :3], None,
+            np.sort(idx[0, 0], axis=-1), dq, dk, dv, 0, 6, 16, 5, True, 24 ** -0.5,
+            native.BACKWARD.ISAS.index(name))
+        runs.append((dq, dk, dv))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert native.BACKWARD.ISAS[native.BACKWARD_ISA] in native.BACKWARD_STATUS
 
 
 def test_torch_autograd_runs_the_numpy_backward() -> None:

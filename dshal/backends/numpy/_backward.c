@@ -1,23 +1,29 @@
 /* dshal.backends.numpy._backward: the compiled backward of sparse_attention (DESIGN 3.1b).
  *
- * FlashAttention-2 style, selection-aware: for each query row the probabilities are
- * recomputed from the forward's log-sum-exp over that row's allowed keys only (its window and
- * the blocks its selection holds, causal-clipped), so no Lq x Lk buffer exists and keys that
- * are not allowed are never read: their NaN/Inf reach nothing. Per row, with the g query
- * heads of one kv head together (they share the allowed set):
+ * FlashAttention-2 style, selection-aware and key-major: the kernel walks the key blocks of
+ * one (batch, kv head) and, for each block, the query rows allowed keys of it (the rows whose
+ * selection holds it: its visible keys; the rows whose window reaches it: the part inside the
+ * window; dense attention: every row that sees it), in ascending row order. The block's k, v,
+ * dk and dv rows stay in cache while its rows pass, so each (row, key) pair moves the row's q,
+ * grad_out and dq once per block instead of the key's four rows once per row. Probabilities
+ * are recomputed from the forward's log-sum-exp over allowed keys only: no Lq x Lk buffer
+ * exists and keys that are not allowed are never read (their NaN/Inf reach nothing). Per
+ * (row, block), with the g query heads of one kv head together (they share the allowed set):
  *
  *   p[h, j]  = 2**(s[h, j] * log2(e) - lse[h] * log2(e)),  s = scale * q[h] . k[j]
  *   dp[h, j] = grad_out[h] . v[j]
- *   ds[h, j] = p * (dp - delta[h] + grad_lse[h]),  delta[h] = sum_j p * dp  (= dO . O)
- *   dq[h] = scale * sum_j ds k[j];  dk[j] += scale * sum_h ds q[h];  dv[j] += sum_h p dO[h]
+ *   ds[h, j] = p * (dp - delta[h] + grad_lse[h]),  delta[h] = grad_out[h] . out[h] (given)
+ *   dq[h] += scale * sum_j ds k[j];  dk[j] += scale * sum_h ds q[h];  dv[j] += sum_h p dO[h]
  *
  * Everything is float32 (the Python side converts fp16/bf16 inputs; float64 is not declared).
- * One call serves query rows [i0, i1) of one (batch, kv head): dq rows are written, dk and dv
- * accumulated into the arrays given (the caller gives each concurrent call its own when two
- * calls share a kv head, and sums them in a fixed order: results do not depend on threads).
- * The GIL is released while a call runs, so the backend's thread pool runs calls in parallel.
- * Compiled with -ffp-contract=fast (FMAs) and OpenMP SIMD reductions; on x86-64 Linux the
- * kernel is compiled for Haswell (AVX2 + FMA) and baseline, picked for the CPU at load.
+ * One call serves key blocks [b0, b1) of one (batch, kv head): it adds the whole gradient of
+ * those blocks' keys into dk and dv (no other call touches those rows) and their part of dq
+ * into the dq given (the caller gives each concurrent call of a kv head its own and sums them
+ * in a fixed order: results do not depend on threads' timing). Each row's blocks are added in
+ * ascending order. The GIL is released while a call runs, so the backend's thread pool runs
+ * calls in parallel. Compiled with -ffp-contract=fast (FMAs) and OpenMP SIMD reductions; on
+ * x86-64 Linux the kernel is compiled for Haswell (AVX2 + FMA) and baseline, picked for the
+ * CPU at load.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,14 +34,13 @@
 #include <string.h>
 
 
-/* The kernel is inlined (INLINE) into a baseline build and, on x86-64 with GCC or Clang, an
- * AVX2 + FMA build (FAST) chosen at run time when the CPU has both. */
+/* The tiles (_backward_tiles.h) are built for a baseline and, on x86-64 with GCC or Clang,
+ * for AVX2 + FMA and AVX-512, one of which is picked for the CPU at run time. */
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FAST_BUILD 1
+#define X86_BUILDS 1
 #define INLINE static inline __attribute__((always_inline))
-#define FAST __attribute__((target("avx2,fma")))
 #else
-#define FAST_BUILD 0
+#define X86_BUILDS 0
 #define INLINE static inline
 #endif
 #define EXP2_INLINE INLINE
@@ -46,244 +51,339 @@
 
 /* One (batch, kv head) of a backward call: C-contiguous float32 views. */
 typedef struct {
-    const float *q, *k, *v, *lse, *go, *glse; /* [g,Lq,D] [Lk,D] [Lk,Dv] [g,Lq] [g,Lq,Dv] [g,Lq] */
-    const int64_t *idx;                       /* [Lq, n_idx], each row ascending; or NULL */
-    float *dq, *dk, *dv;                      /* [g,Lq,D] written; [Lk,D] [Lk,Dv] accumulated */
+    const float *q, *k, *v, *lse, *delta, *go, *glse; /* [g,Lq,D] [Lk,D] [Lk,Dv] [g,Lq] [g,Lq]
+                                                         [g,Lq,Dv] [g,Lq] */
+    const int64_t *idx;                               /* [Lq, n_idx], rows ascending; or NULL */
+    float *dq, *dk, *dv;                              /* [g,Lq,D] [Lk,D] [Lk,Dv] added into */
     Py_ssize_t g, Lq, Lk, D, Dv, n_idx, bs, window;
-    int causal;
+    int causal, dense;                                /* dense: no selection and no window */
     float scale;
 } problem;
 
-/* The allowed keys of query row i as disjoint ranges [lo, hi): the window, then each selected
- * block (duplicates once, -1 skipped) minus the window, clipped to the visible keys; dense
- * attention (no selection, no window) is every visible key. Returns the number of ranges
- * (at most 1 + 2 * n_idx). */
-INLINE Py_ssize_t key_ranges(const problem *a, Py_ssize_t i, Py_ssize_t *lo, Py_ssize_t *hi) {
+/* The keys query row i may see: [0, vis) (causal: up to its position p = i + Lk - Lq). */
+INLINE Py_ssize_t visible(const problem *a, Py_ssize_t i) {
     const Py_ssize_t p = i + a->Lk - a->Lq;
-    const Py_ssize_t vis = a->causal ? (p + 1 < a->Lk ? p + 1 : a->Lk) : a->Lk;
-    if (vis <= 0) return 0;
-    if (!a->idx && !a->window) {
-        lo[0] = 0, hi[0] = vis;
-        return 1;
-    }
-    Py_ssize_t n = 0, wlo = 0, whi = 0;
-    if (a->window) {
-        wlo = p - a->window + 1 > 0 ? p - a->window + 1 : 0;
-        whi = p + a->window < vis ? p + a->window : vis;
-        if (whi > wlo) lo[n] = wlo, hi[n] = whi, n++;
-        else wlo = whi = 0;
-    }
-    if (!a->idx) return n;
-    const int64_t *row = a->idx + i * a->n_idx;
-    int64_t prev = -1;
-    for (Py_ssize_t c = 0; c < a->n_idx; c++) {
-        const int64_t b = row[c];
-        if (b < 0 || b == prev) continue;
-        prev = b;
-        const Py_ssize_t j0 = (Py_ssize_t)b * a->bs;
-        const Py_ssize_t j1 = j0 + a->bs < vis ? j0 + a->bs : vis;
-        if (j1 <= j0) break; /* ascending: every later block starts past the visible keys */
-        if (j0 < whi && j1 > wlo) { /* the part the window does not cover */
-            if (j0 < wlo) lo[n] = j0, hi[n] = wlo, n++;
-            if (j1 > whi) lo[n] = whi, hi[n] = j1, n++;
-        } else {
-            lo[n] = j0, hi[n] = j1, n++;
-        }
-    }
-    return n;
+    return a->causal ? (p + 1 < a->Lk ? p + 1 : a->Lk) : a->Lk;
 }
 
-/* Dot products of x with KB rows at once (KB independent accumulator chains keep the FMA
- * units busy), and y += sum_r a[r] rows[r] with y held in registers across the rows (loaded
- * and stored once instead of once per row). With GCC/Clang vector extensions: 8 floats per
- * vector (one AVX2 register in the FAST build, two SSE ones in the baseline). */
-enum { KB = 8, VW = 8, YV = 8 };
-
-#if defined(__GNUC__)
-typedef float v8 __attribute__((vector_size(32), aligned(4))); /* unaligned loads allowed */
-
-INLINE v8 load8(const float *x) { return *(const v8 *)x; }
-INLINE float hsum8(v8 x) {
-    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+/* Row i's window [lo, hi) (empty when there is none), within its visible keys. */
+INLINE void window_of(const problem *a, Py_ssize_t i, Py_ssize_t *lo, Py_ssize_t *hi) {
+    const Py_ssize_t p = i + a->Lk - a->Lq, vis = visible(a, i);
+    *lo = p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+    *hi = p + a->window < vis ? p + a->window : vis;
+    if (!a->window || *hi <= *lo) *lo = *hi = 0;
 }
 
-/* out[r] = x . rows[r][0..n), r < KB */
-INLINE void dot_rows(const float *restrict x, const float *const *rows, Py_ssize_t n,
-                     float *restrict out) {
-    v8 acc[KB] = {{0}};
-    Py_ssize_t d = 0;
-    for (; d + VW <= n; d += VW) {
-        const v8 xd = load8(x + d);
-        for (int r = 0; r < KB; r++) acc[r] += xd * load8(rows[r] + d);
-    }
-    for (int r = 0; r < KB; r++) {
-        float t = hsum8(acc[r]);
-        for (Py_ssize_t e = d; e < n; e++) t += x[e] * rows[r][e];
-        out[r] = t;
-    }
-}
-
-/* y[0..n) += sum_r a[r] * rows[r][0..n) */
-INLINE void gemv_rows(float *restrict y, const float *restrict a, const float *const *rows,
-                      Py_ssize_t m, Py_ssize_t n) {
-    Py_ssize_t d0 = 0;
-    for (; d0 + YV * VW <= n; d0 += YV * VW) {
-        v8 acc[YV];
-        for (int t = 0; t < YV; t++) acc[t] = load8(y + d0 + t * VW);
-        for (Py_ssize_t r = 0; r < m; r++) {
-            const float *xr = rows[r] + d0;
-            const v8 ar = {a[r], a[r], a[r], a[r], a[r], a[r], a[r], a[r]};
-            for (int t = 0; t < YV; t++) acc[t] += ar * load8(xr + t * VW);
-        }
-        for (int t = 0; t < YV; t++) *(v8 *)(y + d0 + t * VW) = acc[t];
-    }
-    for (; d0 + VW <= n; d0 += VW) {
-        v8 acc = load8(y + d0);
-        for (Py_ssize_t r = 0; r < m; r++) acc += a[r] * load8(rows[r] + d0);
-        *(v8 *)(y + d0) = acc;
-    }
-    for (; d0 < n; d0++) {
-        float acc = y[d0];
-        for (Py_ssize_t r = 0; r < m; r++) acc += a[r] * rows[r][d0];
-        y[d0] = acc;
-    }
-}
-#else
-INLINE void dot_rows(const float *restrict x, const float *const *rows, Py_ssize_t n,
-                     float *restrict out) {
-    for (int r = 0; r < KB; r++) {
-        float t = 0.0f;
-        for (Py_ssize_t d = 0; d < n; d++) t += x[d] * rows[r][d];
-        out[r] = t;
-    }
-}
-
-INLINE void gemv_rows(float *restrict y, const float *restrict a, const float *const *rows,
-                      Py_ssize_t m, Py_ssize_t n) {
-    for (Py_ssize_t r = 0; r < m; r++)
-        for (Py_ssize_t d = 0; d < n; d++) y[d] += a[r] * rows[r][d];
-}
-#endif
-
-INLINE float dot(const float *restrict x, const float *restrict y, Py_ssize_t n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (Py_ssize_t d = 0; d < n; d++) acc += x[d] * y[d];
-    return acc;
-}
-
-/* Scratch of one call: per row the allowed keys' rows of k and v, the g heads' rows of q,
- * grad_out and dq, and p and ds [g, cap]. */
+/* Which rows selected which blocks of [b0, b1): per block (relative to b0) the rows in
+ * ascending order, rows[start[b] .. start[b + 1]); a row's duplicates and -1 entries are
+ * skipped (each index row is ascending). 0, or -1 when out of memory. */
 typedef struct {
-    float *p, *ds, *col;
-    const float **krow, **vrow, **qrow, **grow;
-    float **dqrow;
-    Py_ssize_t *lo, *hi, cap;
-} scratch;
+    Py_ssize_t *start;
+    int32_t *rows;
+} row_lists;
 
-/* Rows [i0, i1) of one (batch, kv head). */
-INLINE void backward_rows(const problem *a, Py_ssize_t i0, Py_ssize_t i1, const scratch *w) {
-    const Py_ssize_t g = a->g, Lq = a->Lq, D = a->D, Dv = a->Dv, cap = w->cap;
-    const float sl2 = a->scale * LOG2E;
-    float *p = w->p, *ds = w->ds, *col = w->col;
-    for (Py_ssize_t i = i0; i < i1; i++) {
-        for (Py_ssize_t h = 0; h < g; h++) {
-            const Py_ssize_t row = h * Lq + i;
-            w->qrow[h] = a->q + row * D, w->grow[h] = a->go + row * Dv;
-            w->dqrow[h] = a->dq + row * D;
-            memset(w->dqrow[h], 0, (size_t)D * 4);
+static int build_row_lists(const problem *a, Py_ssize_t b0, Py_ssize_t b1, row_lists *out) {
+    const Py_ssize_t nb = b1 - b0;
+    out->start = calloc((size_t)nb + 1, sizeof(Py_ssize_t));
+    out->rows = NULL;
+    if (!out->start) return -1;
+    for (int pass = 0; pass < 2; pass++) {
+        Py_ssize_t *fill = pass ? malloc((size_t)nb * sizeof(Py_ssize_t)) : NULL;
+        if (pass) {
+            if (!fill) return -1;
+            for (Py_ssize_t b = 0; b < nb; b++) out->start[b + 1] += out->start[b];
+            memcpy(fill, out->start, (size_t)nb * sizeof(Py_ssize_t));
+            out->rows = malloc(((size_t)out->start[nb] + 1) * sizeof(int32_t));
+            if (!out->rows) return free(fill), -1;
         }
-        const Py_ssize_t nr = key_ranges(a, i, w->lo, w->hi);
-        Py_ssize_t n = 0;
-        for (Py_ssize_t r = 0; r < nr; r++)
-            for (Py_ssize_t j = w->lo[r]; j < w->hi[r]; j++, n++)
-                w->krow[n] = a->k + j * D, w->vrow[n] = a->v + j * Dv;
-        if (n == 0) continue; /* nothing allowed: zero gradients */
-        /* pass 1: scores (log2 units) and dp, KB keys at a time for every head */
-        Py_ssize_t c = 0;
-        for (; c + KB <= n; c += KB)
-            for (Py_ssize_t h = 0; h < g; h++) {
-                dot_rows(w->qrow[h], w->krow + c, D, p + h * cap + c);
-                dot_rows(w->grow[h], w->vrow + c, Dv, ds + h * cap + c);
+        for (Py_ssize_t i = 0; i < a->Lq; i++) {
+            const int64_t *row = a->idx + i * a->n_idx;
+            int64_t prev = -1;
+            for (Py_ssize_t c = 0; c < a->n_idx; c++) {
+                const int64_t b = row[c];
+                if (b < b0 || b == prev) continue;
+                prev = b;
+                if (b >= b1) break;
+                if (pass) out->rows[fill[b - b0]++] = (int32_t)i;
+                else out->start[b - b0 + 1]++;
             }
-        for (; c < n; c++)
-            for (Py_ssize_t h = 0; h < g; h++) {
-                p[h * cap + c] = dot(w->qrow[h], w->krow[c], D);
-                ds[h * cap + c] = dot(w->grow[h], w->vrow[c], Dv);
-            }
-        /* probabilities from lse, delta = sum p dp (= dO . O), ds (carrying the scale) */
-        for (Py_ssize_t h = 0; h < g; h++) {
-            const Py_ssize_t row = h * Lq + i;
-            const float lse = a->lse[row];
-            const float m = isfinite(lse) ? lse * LOG2E : 0.0f;
-            const float gl = a->glse ? a->glse[row] : 0.0f;
-            float *ph = p + h * cap, *dsh = ds + h * cap;
-            float delta = 0.0f;
-#pragma omp simd reduction(+ : delta)
-            for (Py_ssize_t t = 0; t < n; t++) {
-                ph[t] = exp2_poly(ph[t] * sl2 - m);
-                delta += ph[t] * dsh[t];
-            }
-#pragma omp simd
-            for (Py_ssize_t t = 0; t < n; t++) dsh[t] = ph[t] * (dsh[t] - delta + gl) * a->scale;
         }
-        /* pass 2: dq[h] += ds[h, c] k[c] over chunks of keys (hot in L1 across the heads);
-         * dk[c] += ds[:, c] q, dv[c] += p[:, c] dO over the heads */
-        for (Py_ssize_t c0 = 0; c0 < n; c0 += 16) {
-            const Py_ssize_t m = n - c0 < 16 ? n - c0 : 16;
-            for (Py_ssize_t h = 0; h < g; h++)
-                gemv_rows(w->dqrow[h], ds + h * cap + c0, w->krow + c0, m, D);
+        free(fill);
+    }
+    return 0;
+}
+
+static void free_row_lists(row_lists *l) { free(l->start), free(l->rows); }
+
+INLINE Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t m) { return (n + m - 1) / m * m; }
+
+/* The query rows that meet key block kb, in ascending order, each with the keys [lo, hi) of
+ * the block it is allowed: a row whose selection holds the block sees the block's visible
+ * keys; a row whose window reaches it, the part inside the window; under dense attention
+ * every row sees the block's visible keys. */
+typedef struct {
+    const int32_t *list;   /* the rows that selected the block */
+    Py_ssize_t ns, s;      /* their count, the next one */
+    Py_ssize_t dense_row;  /* dense attention: the next row (Lq: none) */
+    Py_ssize_t wi, wb;     /* rows [wi, wb) may have the block in their window */
+    Py_ssize_t j0, j1;     /* the block's keys */
+} row_walk;
+
+INLINE void walk_start(row_walk *r, const problem *a, Py_ssize_t kb, Py_ssize_t b0,
+                       const row_lists *sel) {
+    const Py_ssize_t shift = a->Lk - a->Lq;
+    r->j0 = kb * a->bs, r->j1 = r->j0 + a->bs < a->Lk ? r->j0 + a->bs : a->Lk;
+    r->wi = r->wb = 0;
+    if (a->window) { /* positions p with p - window + 1 < j1 and p + window > j0 */
+        const Py_ssize_t wa = (a->causal ? r->j0 : r->j0 - a->window + 1) - shift;
+        const Py_ssize_t wb = r->j1 + a->window - 1 - shift;
+        r->wi = wa < 0 ? 0 : wa, r->wb = wb < a->Lq ? wb : a->Lq;
+    }
+    r->list = NULL, r->ns = r->s = 0, r->dense_row = a->Lq;
+    if (a->dense)
+        r->dense_row = a->causal ? (r->j0 - shift > 0 ? r->j0 - shift : 0) : 0;
+    else if (a->idx)
+        r->list = sel->rows + sel->start[kb - b0],
+        r->ns = sel->start[kb - b0 + 1] - sel->start[kb - b0];
+}
+
+/* The next row meeting the block with a non-empty key range: 1, or 0 when there is none. */
+INLINE int walk_next(row_walk *r, const problem *a, Py_ssize_t *i, Py_ssize_t *lo,
+                     Py_ssize_t *hi) {
+    const Py_ssize_t far = a->Lq;
+    for (;;) {
+        const Py_ssize_t next_sel = a->dense ? r->dense_row : r->s < r->ns ? r->list[r->s] : far;
+        const Py_ssize_t next_win = r->wi < r->wb ? r->wi : far;
+        const Py_ssize_t row = next_sel < next_win ? next_sel : next_win;
+        if (row >= far) return 0;
+        const int selected = row == next_sel;
+        if (selected) {
+            if (a->dense) r->dense_row++;
+            else r->s++;
         }
-        for (c = 0; c < n; c++) {
-            float *dkc = a->dk + (w->krow[c] - a->k), *dvc = a->dv + (w->vrow[c] - a->v);
-            for (Py_ssize_t h = 0; h < g; h++) col[h] = ds[h * cap + c];
-            gemv_rows(dkc, col, w->qrow, g, D);
-            for (Py_ssize_t h = 0; h < g; h++) col[h] = p[h * cap + c];
-            gemv_rows(dvc, col, (const float *const *)w->grow, g, Dv);
+        if (row == next_win) r->wi++;
+        if (selected) {
+            const Py_ssize_t vis = visible(a, row);
+            *lo = r->j0, *hi = r->j1 < vis ? r->j1 : vis;
+        } else {
+            Py_ssize_t wlo, whi;
+            window_of(a, row, &wlo, &whi);
+            *lo = wlo > r->j0 ? wlo : r->j0, *hi = whi < r->j1 ? whi : r->j1;
         }
+        if (*hi > *lo) return *i = row, 1;
     }
 }
 
-static void backward_base(const problem *a, Py_ssize_t i0, Py_ssize_t i1, const scratch *w) {
-    backward_rows(a, i0, i1, w);
+/* Query rows run together against a block: they share their key range [c0, c1) (relative
+ * to the block's first key). */
+typedef struct {
+    Py_ssize_t *rows, n, c0, c1;
+} batch;
+
+/* A call's scratch (see _backward_tiles.h for the layouts): the prepared block, a batch's
+ * packed rows and products, the block's gradients. */
+typedef struct {
+    float *Kp, *KT, *VT, *Qb, *Gb, *S, *dP, *dQb, *dKp, *dVp, *mlse, *shift;
+    Py_ssize_t *rows;
+    Py_ssize_t Dp, Dvp, Np, max_rows;
+} block;
+
+/* Copies the block's nk keys from key j0 into Kp, KT and VT (zero padded); zeroes dKp, dVp. */
+INLINE void prepare_block(const problem *a, Py_ssize_t j0, Py_ssize_t nk, const block *w) {
+    const Py_ssize_t D = a->D, Dv = a->Dv, Dp = w->Dp, Dvp = w->Dvp, Np = w->Np;
+    memset(w->Kp, 0, (size_t)(Np * Dp) * 4), memset(w->KT, 0, (size_t)(Dp * Np) * 4);
+    memset(w->VT, 0, (size_t)(Dvp * Np) * 4);
+    memset(w->dKp, 0, (size_t)(Np * Dp) * 4), memset(w->dVp, 0, (size_t)(Np * Dvp) * 4);
+    for (Py_ssize_t j = 0; j < nk; j++) {
+        const float *kj = a->k + (j0 + j) * D, *vj = a->v + (j0 + j) * Dv;
+        memcpy(w->Kp + j * Dp, kj, (size_t)D * 4);
+        for (Py_ssize_t d = 0; d < D; d++) w->KT[d * Np + j] = kj[d];
+        for (Py_ssize_t d = 0; d < Dv; d++) w->VT[d * Np + j] = vj[d];
+    }
 }
 
-#if FAST_BUILD
-FAST static void backward_fast(const problem *a, Py_ssize_t i0, Py_ssize_t i1,
-                               const scratch *w) {
-    backward_rows(a, i0, i1, w);
+/* Adds the block's gradients into dk and dv. */
+INLINE void finish_block(const problem *a, Py_ssize_t j0, Py_ssize_t nk, const block *w) {
+    for (Py_ssize_t j = 0; j < nk; j++) {
+        float *dk = a->dk + (j0 + j) * a->D, *dv = a->dv + (j0 + j) * a->Dv;
+        const float *gk = w->dKp + j * w->Dp, *gv = w->dVp + j * w->Dvp;
+        for (Py_ssize_t d = 0; d < a->D; d++) dk[d] += gk[d];
+        for (Py_ssize_t d = 0; d < a->Dv; d++) dv[d] += gv[d];
+    }
 }
+
+/* ---- the tiles, per instruction set -------------------------------------------------- */
+
+/* Which build runs: the best the CPU has, or the one asked for. */
+enum { ISA_BASE, ISA_AVX2, ISA_AVX512, N_ISA };
+static const char *const ISA_NAMES[N_ISA] = {"baseline", "avx2", "avx512"};
+
+/* Tile sizes: accumulators fill about half the vector registers. */
+typedef struct {
+    int vw, tm, tj, tq, td;
+} tiling;
+
+#define ISA_NAME(x) x##_base
+#define ISA_ATTR
+#if defined(__GNUC__)
+#define VW 8 /* SSE pairs on x86-64, NEON pairs on arm64 */
+#else
+#define VW 1
+#endif
+#define TM 4
+#define TJ 2
+#define TD 2
+#define TQ 4
+#define TR 4
+#include "_backward_tiles.h"
+static const tiling TILING_base = {VW, TM, TJ, TQ, TD};
+#undef ISA_NAME
+#undef ISA_ATTR
+#undef VW
+#undef TM
+#undef TJ
+#undef TD
+#undef TQ
+#undef TR
+
+#if X86_BUILDS
+#define ISA_NAME(x) x##_avx2
+#define ISA_ATTR __attribute__((target("avx2,fma")))
+#define VW 8
+#define TM 4
+#define TJ 2
+#define TD 2
+#define TQ 4
+#define TR 4
+#include "_backward_tiles.h"
+static const tiling TILING_avx2 = {VW, TM, TJ, TQ, TD};
+#undef ISA_NAME
+#undef ISA_ATTR
+#undef VW
+#undef TM
+#undef TJ
+#undef TD
+#undef TQ
+#undef TR
+
+#define ISA_NAME(x) x##_avx512
+#define ISA_ATTR __attribute__((target("avx512f,avx512vl,fma")))
+#define VW 16
+#define TM 4
+#define TJ 4
+#define TD 2
+#define TQ 8
+#define TR 8
+#include "_backward_tiles.h"
+static const tiling TILING_avx512 = {VW, TM, TJ, TQ, TD};
+#undef ISA_NAME
+#undef ISA_ATTR
+#undef VW
+#undef TM
+#undef TJ
+#undef TD
+#undef TQ
+#undef TR
 #endif
 
-/* ---- buffers ------------------------------------------------------------------------- */
+/* The builds this CPU runs, best last. */
+static int isa_supported(int isa) {
+    switch (isa) {
+    case ISA_BASE: return 1;
+#if X86_BUILDS
+    case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ISA_AVX512: return __builtin_cpu_supports("avx512f") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+#endif
+    default: return 0;
+    }
+}
+
+static int best_isa(void) {
+    for (int isa = N_ISA - 1; isa > 0; isa--)
+        if (isa_supported(isa)) return isa;
+    return ISA_BASE;
+}
+
+static tiling tiling_of(int isa) {
+#if X86_BUILDS
+    if (isa == ISA_AVX512) return TILING_avx512;
+    if (isa == ISA_AVX2) return TILING_avx2;
+#endif
+    (void)isa;
+    return TILING_base;
+}
+
+static void run_isa(int isa, const problem *a, Py_ssize_t b0, Py_ssize_t b1,
+                    const row_lists *l, const block *w) {
+#if X86_BUILDS
+    if (isa == ISA_AVX512) return backward_avx512(a, b0, b1, l, w);
+    if (isa == ISA_AVX2) return backward_avx2(a, b0, b1, l, w);
+#endif
+    (void)isa;
+    backward_base(a, b0, b1, l, w);
+}
+
+/* Rows per batch: about 32 (query row, head) rows, at least one query row. */
+enum { BATCH_HEAD_ROWS = 32 };
+
+/* Allocates the scratch of `a` for the build `t` (one block). 0, or -1 out of memory. */
+static int block_alloc(const problem *a, tiling t, block *w) {
+    const Py_ssize_t mult = (Py_ssize_t)t.vw * t.td;
+    const Py_ssize_t g = a->g ? a->g : 1;
+    w->Dp = round_up(a->D ? a->D : 1, mult), w->Dvp = round_up(a->Dv ? a->Dv : 1, mult);
+    w->Np = round_up(a->bs, (Py_ssize_t)t.vw * t.tj);
+    w->max_rows = BATCH_HEAD_ROWS / g > 1 ? BATCH_HEAD_ROWS / g : 1;
+    const Py_ssize_t Mp = round_up(w->max_rows * g, t.tm > t.tq ? t.tm : t.tq);
+    const Py_ssize_t Dp = w->Dp, Dvp = w->Dvp, Np = w->Np;
+    const Py_ssize_t sizes[] = {Np * Dp, Dp * Np, Dvp * Np, Mp * Dp, Mp * Dvp, Mp * Np, Mp * Np,
+                                Mp * Dp, Np * Dp, Np * Dvp, Mp, Mp};
+    Py_ssize_t total = 0;
+    for (size_t n = 0; n < sizeof sizes / sizeof *sizes; n++) total += sizes[n];
+    float *base = malloc((size_t)total * sizeof(float));
+    w->rows = malloc((size_t)w->max_rows * sizeof(Py_ssize_t));
+    if (!base || !w->rows) return free(base), free(w->rows), w->rows = NULL, w->Kp = NULL, -1;
+    float **parts[] = {&w->Kp, &w->KT, &w->VT, &w->Qb, &w->Gb, &w->S, &w->dP,
+                       &w->dQb, &w->dKp, &w->dVp, &w->mlse, &w->shift};
+    for (size_t n = 0; n < sizeof sizes / sizeof *sizes; n++) *parts[n] = base, base += sizes[n];
+    return 0;
+}
+
+static void block_free(block *w) { free(w->Kp), free(w->rows); }
+
+/* ---- the module ---------------------------------------------------------------------- */
 
 PyDoc_STRVAR(attention_backward_doc,
-"attention_backward(q, k, v, lse, grad_out, grad_lse, indices, dq, dk, dv, i0, i1,\n"
-"                   block_size, window, causal, scale) -> None\n\n"
-"Gradients of sparse_attention for query rows [i0, i1) of one (batch, kv head), float32,\n"
-"C-contiguous: q [g, Lq, D], k [Lk, D], v [Lk, Dv], lse [g, Lq], grad_out [g, Lq, Dv],\n"
-"grad_lse [g, Lq] or None, indices int64 [Lq, n] (each row ascending, -1 = none) or None\n"
-"(no selection). Writes dq [g, Lq, D] rows i0..i1; adds into dk [Lk, D] and dv [Lk, Dv].");
+"attention_backward(q, k, v, lse, delta, grad_out, grad_lse, indices, dq, dk, dv, b0, b1,\n"
+"                   block_size, window, causal, scale, isa=-1) -> None\n\n"
+"Gradients of sparse_attention from key blocks [b0, b1) of one (batch, kv head), float32,\n"
+"C-contiguous: q [g, Lq, D], k [Lk, D], v [Lk, Dv], lse and delta (rowsum(grad_out * out))\n"
+"[g, Lq], grad_out [g, Lq, Dv], grad_lse [g, Lq] or None, indices int64 [Lq, n] (each row\n"
+"ascending, -1 = none) or None (no selection). Adds into dq [g, Lq, D] the blocks' part and\n"
+"into dk [Lk, D] and dv [Lk, Dv] the blocks' rows (their whole gradient). isa picks the\n"
+"build (an index of ISAS; -1: the best this CPU runs, BEST).");
 
 static PyObject *attention_backward(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *o[10];
-    Py_ssize_t i0, i1, bs, window;
-    int causal;
+    enum { NARR = 11, GLSE = 6, IDX = 7, OUT0 = 8 };
+    PyObject *o[NARR];
+    Py_ssize_t b0, b1, bs, window;
+    int causal, isa = -1;
     double scale;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOnnnnpd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                          &o[6], &o[7], &o[8], &o[9], &i0, &i1, &bs, &window, &causal, &scale))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOnnnnpd|i", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &b0, &b1, &bs, &window,
+                          &causal, &scale, &isa))
         return NULL;
-    static const char *names[] = {"q", "k", "v", "lse", "grad_out", "grad_lse", "indices",
-                                  "dq", "dk", "dv"};
-    static const int ndims[] = {3, 2, 2, 2, 3, 2, 2, 3, 2, 2};
-    Py_buffer views[10];
-    Py_ssize_t shapes[10][3];
-    int held[10] = {0};
+    static const char *names[] = {"q", "k", "v", "lse", "delta", "grad_out", "grad_lse",
+                                  "indices", "dq", "dk", "dv"};
+    static const int ndims[] = {3, 2, 2, 2, 2, 3, 2, 2, 3, 2, 2};
+    Py_buffer views[NARR];
+    Py_ssize_t shapes[NARR][3];
+    int held[NARR] = {0};
     PyObject *result = NULL;
-    for (int n = 0; n < 10; n++) {
-        if (o[n] == Py_None && (n == 5 || n == 6)) continue;
-        if (get_buffer(o[n], &views[n], ndims[n], n == 6 ? 8 : 4, n >= 7, names[n]) < 0)
+    for (int n = 0; n < NARR; n++) {
+        if (o[n] == Py_None && (n == GLSE || n == IDX)) continue;
+        if (get_buffer(o[n], &views[n], ndims[n], n == IDX ? 8 : 4, n >= OUT0, names[n]) < 0)
             goto done;
         held[n] = 1;
         for (int d = 0; d < ndims[n]; d++) shapes[n][d] = views[n].shape[d];
@@ -291,57 +391,50 @@ static PyObject *attention_backward(PyObject *self, PyObject *args) {
     problem a = {0};
     a.g = shapes[0][0], a.Lq = shapes[0][1], a.D = shapes[0][2];
     a.Lk = shapes[1][0], a.Dv = shapes[2][1];
-    a.n_idx = held[6] ? shapes[6][1] : 0;
+    a.n_idx = held[IDX] ? shapes[IDX][1] : 0;
+    const size_t two = 2 * sizeof(Py_ssize_t);
     int ok = shapes[1][1] == a.D && shapes[2][0] == a.Lk && shapes[3][0] == a.g &&
-             shapes[3][1] == a.Lq && shapes[4][0] == a.g && shapes[4][1] == a.Lq &&
-             shapes[4][2] == a.Dv && memcmp(shapes[7], shapes[0], sizeof shapes[0]) == 0 &&
-             memcmp(shapes[8], shapes[1], 2 * sizeof(Py_ssize_t)) == 0 &&
-             memcmp(shapes[9], shapes[2], 2 * sizeof(Py_ssize_t)) == 0 &&
-             (!held[5] || memcmp(shapes[5], shapes[3], 2 * sizeof(Py_ssize_t)) == 0) &&
-             (!held[6] || shapes[6][0] == a.Lq) && 0 <= i0 && i0 <= i1 && i1 <= a.Lq &&
-             bs >= 1 && window >= 0;
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "attention_backward: shapes, rows or options disagree");
+             shapes[3][1] == a.Lq && memcmp(shapes[4], shapes[3], two) == 0 &&
+             shapes[5][0] == a.g && shapes[5][1] == a.Lq && shapes[5][2] == a.Dv &&
+             memcmp(shapes[8], shapes[0], sizeof shapes[0]) == 0 &&
+             memcmp(shapes[9], shapes[1], two) == 0 && memcmp(shapes[10], shapes[2], two) == 0 &&
+             (!held[GLSE] || memcmp(shapes[GLSE], shapes[3], two) == 0) &&
+             (!held[IDX] || shapes[IDX][0] == a.Lq) && bs >= 1 && window >= 0 &&
+             a.Lq < INT32_MAX;
+    const Py_ssize_t n_blocks = (a.Lk + bs - 1) / (bs >= 1 ? bs : 1);
+    if (!ok || b0 < 0 || b0 > b1 || b1 > n_blocks) {
+        PyErr_SetString(PyExc_ValueError,
+                        "attention_backward: shapes, key blocks or options disagree");
         goto done;
     }
     a.q = views[0].buf, a.k = views[1].buf, a.v = views[2].buf, a.lse = views[3].buf;
-    a.go = views[4].buf, a.glse = held[5] ? views[5].buf : NULL;
-    a.idx = held[6] ? views[6].buf : NULL;
-    a.dq = views[7].buf, a.dk = views[8].buf, a.dv = views[9].buf;
+    a.delta = views[4].buf, a.go = views[5].buf;
+    a.glse = held[GLSE] ? views[GLSE].buf : NULL;
+    a.idx = held[IDX] ? views[IDX].buf : NULL;
+    a.dq = views[8].buf, a.dk = views[9].buf, a.dv = views[10].buf;
     a.bs = bs, a.window = window, a.causal = causal, a.scale = (float)scale;
-    /* the most keys a row may be allowed: its window and selected blocks, or all of them */
-    Py_ssize_t cap = a.Lk;
-    if (a.idx || a.window) {
-        Py_ssize_t most = 2 * a.window + a.n_idx * bs;
-        cap = most < a.Lk ? most : a.Lk;
+    a.dense = !a.idx && !a.window;
+    if (isa < 0) isa = best_isa();
+    if (isa >= N_ISA || !isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "attention_backward: isa %d is not built or not "
+                     "supported by this CPU", isa);
+        goto done;
     }
-    if (cap < 1) cap = 1;
-    const Py_ssize_t nr = 1 + 2 * a.n_idx, g = a.g ? a.g : 1;
-    scratch w = {.cap = cap};
-    w.p = malloc((size_t)(2 * g * cap + g) * sizeof(float));
-    w.krow = malloc((size_t)(2 * cap + 3 * g) * sizeof(float *));
-    w.lo = malloc((size_t)(2 * nr) * sizeof(Py_ssize_t));
-    if (!w.p || !w.krow || !w.lo) {
-        free(w.p), free(w.krow), free(w.lo);
+    block w = {0};
+    row_lists lists = {0};
+    if (block_alloc(&a, tiling_of(isa), &w) < 0 ||
+        (a.idx && build_row_lists(&a, b0, b1, &lists) < 0)) {
+        block_free(&w), free_row_lists(&lists);
         PyErr_NoMemory();
         goto done;
     }
-    w.ds = w.p + g * cap, w.col = w.ds + g * cap;
-    w.vrow = w.krow + cap, w.qrow = w.vrow + cap, w.grow = w.qrow + g;
-    w.dqrow = (float **)(w.grow + g);
-    w.hi = w.lo + nr;
     Py_BEGIN_ALLOW_THREADS
-#if FAST_BUILD
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        backward_fast(&a, i0, i1, &w);
-    else
-#endif
-        backward_base(&a, i0, i1, &w);
+    run_isa(isa, &a, b0, b1, &lists, &w);
     Py_END_ALLOW_THREADS
-    free(w.p), free(w.krow), free(w.lo);
+    block_free(&w), free_row_lists(&lists);
     result = Py_NewRef(Py_None);
 done:
-    for (int n = 0; n < 10; n++)
+    for (int n = 0; n < NARR; n++)
         if (held[n]) PyBuffer_Release(&views[n]);
     return result;
 }
@@ -357,4 +450,24 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__backward(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__backward(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *names = PyTuple_New(N_ISA);
+    for (int isa = 0; names && isa < N_ISA; isa++)
+        PyTuple_SET_ITEM(names, isa, PyUnicode_FromString(ISA_NAMES[isa]));
+    PyObject *runs = PyList_New(0);
+    for (int isa = 0; runs && names && isa < N_ISA; isa++)
+        if (isa_supported(isa) && PyList_Append(runs, PyTuple_GET_ITEM(names, isa)) < 0)
+            Py_CLEAR(runs);
+    PyObject *supported = runs ? PyList_AsTuple(runs) : NULL;
+    Py_XDECREF(runs);
+    if (!names || !supported || PyModule_AddObjectRef(m, "ISAS", names) < 0 ||
+        PyModule_AddObjectRef(m, "SUPPORTED", supported) < 0 ||
+        PyModule_AddIntConstant(m, "BEST", best_isa()) < 0) {
+        Py_XDECREF(names), Py_XDECREF(supported), Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(names), Py_DECREF(supported);
+    return m;
+}

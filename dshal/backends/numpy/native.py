@@ -51,16 +51,26 @@ INT8_KERNEL, INT8_STATUS = _int8_kernel()
 # --- the compiled backward of sparse_attention (_backward.c) ----------------------------------
 
 
-def _load_backward() -> tuple[ModuleType | None, str]:
+def _load_backward() -> tuple[ModuleType | None, int, str]:
     if os.environ.get("DSHAL_NUMPY_NATIVE", "1").strip() == "0":
-        return None, "not served (compiled loops switched off: DSHAL_NUMPY_NATIVE=0)"
+        return None, -1, "not served (compiled loops switched off: DSHAL_NUMPY_NATIVE=0)"
     try:
         from dshal.backends.numpy import _backward
     except ImportError as exc:
-        return None, f"not served (compiled backward not built: {exc})"
-    return _backward, "compiled kernel (dshal.backends.numpy._backward)"
+        return None, -1, f"not served (compiled backward not built: {exc})"
+    isa, asked = _backward.BEST, os.environ.get("DSHAL_NUMPY_BACKWARD_ISA", "").strip()
+    note = ""
+    if asked in _backward.SUPPORTED:
+        isa = _backward.ISAS.index(asked)
+    elif asked:
+        note = (f"; DSHAL_NUMPY_BACKWARD_ISA={asked!r} ignored: this CPU runs "
+                f"{', '.join(_backward.SUPPORTED)}")
+    return _backward, isa, (f"compiled kernel (dshal.backends.numpy._backward, "
+                            f"{_backward.ISAS[isa]} tiles{note})")
 
 
 #: the compiled backward of sparse_attention, or None: the numpy backend then does not declare
-#: the backward (another backend that declares it serves it); :data:`BACKWARD_STATUS` says which
-BACKWARD, BACKWARD_STATUS = _load_backward()
+#: the backward (another backend that declares it serves it); :data:`BACKWARD_ISA` is the build
+#: of its tiles that runs (the best this CPU runs, or ``DSHAL_NUMPY_BACKWARD_ISA``: baseline,
+#: avx2 or avx512), :data:`BACKWARD_STATUS` says which
+BACKWARD, BACKWARD_ISA, BACKWARD_STATUS = _load_backward()
