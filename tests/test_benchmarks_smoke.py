@@ -8,7 +8,8 @@ import pytest
 
 from benchmarks import _harness
 
-MODULES = ["test_attention", "test_gemm", "test_gating", "test_dispatch", "test_opencl"]
+MODULES = ["test_attention", "test_gemm", "test_gating", "test_dispatch", "test_opencl",
+           "test_training"]
 
 
 @pytest.mark.parametrize("name", MODULES)
