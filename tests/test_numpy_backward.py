@@ -103,7 +103,7 @@ def test_reruns_are_bitwise_equal(monkeypatch) -> None:
         runs.append(ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx,
                                                   block_size=32, window=16, causal=True,
                                                   backend="numpy"))
-    for a, b, c in zip(*runs):  # a rerun is bitwise equal; another split sums dk in
+    for a, b, c in zip(*runs):  # a rerun is bitwise equal; another split sums dq in
         np.testing.assert_array_equal(b, c)  # another order
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
