@@ -13,16 +13,16 @@ from dshal import ops, reference_backward
 from dshal.backends.numpy import native
 from tests.backward_data import CASES, grads, inputs
 
-pytestmark = pytest.mark.skipif(native.BACKWARD is None, reason=native.BACKWARD_STATUS)
+pytestmark = pytest.mark.skipif(native.ATTENTION is None, reason=native.ATTENTION_STATUS)
 
 
 #: every build of the kernel's tiles this CPU runs (the best runs by default)
-ISAS = native.BACKWARD.SUPPORTED if native.BACKWARD is not None else ()
+ISAS = native.ATTENTION.SUPPORTED if native.ATTENTION is not None else ()
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch) -> str:
-    monkeypatch.setattr(native, "BACKWARD_ISA", native.BACKWARD.ISAS.index(request.param))
+    monkeypatch.setattr(native, "ATTENTION_ISA", native.ATTENTION.ISAS.index(request.param))
     return request.param
 
 
@@ -109,7 +109,7 @@ def test_reruns_are_bitwise_equal(monkeypatch) -> None:
 
 
 def test_kernel_argument_checks() -> None:
-    lib = native.BACKWARD
+    lib = native.ATTENTION
     f = np.zeros((2, 4, 3), np.float32)
     k = np.zeros((5, 3), np.float32)
     lse = np.zeros((2, 4), np.float32)
@@ -126,7 +126,7 @@ def test_kernel_argument_checks() -> None:
 
 def test_every_build_of_the_tiles_agrees_and_the_status_names_the_one_that_runs() -> None:
     """The builds sum in different orders (vector widths), so they agree to rounding; an ISA
-    asked for by DSHAL_NUMPY_BACKWARD_ISA is used when this CPU runs it."""
+    asked for by DSHAL_NUMPY_ATTENTION_ISA is used when this CPU runs it."""
     rng = np.random.default_rng(5)
     q, k, v, out, lse, go, idx = inputs(rng, 2, 6, 2, 70, 90, 24, top_k=2, block_size=16,
                                          window=5, causal=True)
@@ -134,15 +134,15 @@ def test_every_build_of_the_tiles_agrees_and_the_status_names_the_one_that_runs(
     for name in ISAS:
         dq, dk, dv = (np.zeros_like(x) for x in (q[0, :3], k[0, 0], v[0, 0]))
         delta = np.einsum("hld,hld->hl", go[0, :3], out[0, :3])
-        native.BACKWARD.attention_backward(
+        native.ATTENTION.attention_backward(
             q[0, :3], k[0, 0], v[0, 0], lse[0, :3], delta, go[0, :3], None,
             np.sort(idx[0, 0], axis=-1), dq, dk, dv, 0, 6, 16, 5, True, 24 ** -0.5,
-            native.BACKWARD.ISAS.index(name))
+            native.ATTENTION.ISAS.index(name))
         runs.append((dq, dk, dv))
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert native.BACKWARD.ISAS[native.BACKWARD_ISA] in native.BACKWARD_STATUS
+    assert native.ATTENTION.ISAS[native.ATTENTION_ISA] in native.ATTENTION_STATUS
 
 
 def test_torch_autograd_runs_the_numpy_backward() -> None:

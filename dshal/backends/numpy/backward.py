@@ -1,5 +1,5 @@
 """The backward of sparse_attention on the CPU (DESIGN 3.1b): the compiled kernel of
-``_backward.c`` run on the backend's thread pool.
+``_attention.c`` run on the backend's thread pool.
 
 The kernel is key-major: it walks the key blocks of one (batch, kv head) and, for each, the
 query rows allowed keys of it (the rows that selected it and those whose window reaches it), so
@@ -51,9 +51,10 @@ def _block_spans(idx: np.ndarray | None, lq: int, n_blocks: int, parts: int
 def sparse_attention_backward(call: AttentionBackwardCall
                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dq, dk, dv)`` in the dtypes of q, k and v (see the module docstring)."""
-    lib = native.BACKWARD
+    lib = native.ATTENTION
     if lib is None:  # the plugin declares the backward only when the kernel is built
-        raise RuntimeError(f"the numpy backend's backward is {native.BACKWARD_STATUS}")
+        raise RuntimeError(f"the numpy backend's compiled attention is "
+                           f"{native.ATTENTION_STATUS}")
     q, k, v, go, out = (_f32(x) for x in (call.q, call.k, call.v, call.grad_out, call.out))
     lse, glse = _f32(call.lse), _f32(call.grad_lse)
     idx = None if call.indices is None else \
@@ -81,7 +82,7 @@ def sparse_attention_backward(call: AttentionBackwardCall
                 q[b, heads], k[b, t], v[b, t], lse[b, heads], delta[b, heads], go[b, heads],
                 None if glse is None else glse[b, heads], None if idx is None else idx[b, t],
                 dq[b, heads] if shared else partial[unit], dk[b, t], dv[b, t], b0, b1,
-                call.block_size, call.window, call.causal, call.scale, native.BACKWARD_ISA)
+                call.block_size, call.window, call.causal, call.scale, native.ATTENTION_ISA)
 
         _parallel(work, units, threads)
         for (b, t, _, _), dq_u in partial.items():  # unit order: deterministic

@@ -1,29 +1,37 @@
-/* dshal.backends.numpy._backward: the compiled backward of sparse_attention (DESIGN 3.1b).
+/* dshal.backends.numpy._attention: the compiled float32 attention of the numpy backend, its
+ * forward (DESIGN 3.1) and its backward (DESIGN 3.1b).
  *
- * FlashAttention-2 style, selection-aware and key-major: the kernel walks the key blocks of
- * one (batch, kv head) and, for each block, the query rows allowed keys of it (the rows whose
- * selection holds it: its visible keys; the rows whose window reaches it: the part inside the
- * window; dense attention: every row that sees it), in ascending row order. The block's k, v,
- * dk and dv rows stay in cache while its rows pass, so each (row, key) pair moves the row's q,
- * grad_out and dq once per block instead of the key's four rows once per row. Probabilities
- * are recomputed from the forward's log-sum-exp over allowed keys only: no Lq x Lk buffer
- * exists and keys that are not allowed are never read (their NaN/Inf reach nothing). Per
- * (row, block), with the g query heads of one kv head together (they share the allowed set):
+ * Both are key-major: they walk the key blocks of one (batch, kv head) and, for each block,
+ * the query rows allowed keys of it (the rows whose selection holds it: its visible keys; the
+ * rows whose window reaches it: the part inside the window; dense attention: every row that
+ * sees it), in ascending row order, in batches of rows that share their key range. The block's
+ * keys and values (and, backward, their gradients) stay in cache while its rows pass, and each
+ * batch is a few small register-tiled products (_attention_tiles.h). Keys a row is not allowed
+ * never enter its results: their NaN/Inf reach nothing. No Lq x Lk buffer exists.
  *
- *   p[h, j]  = 2**(s[h, j] * log2(e) - lse[h] * log2(e)),  s = scale * q[h] . k[j]
+ * Forward, per row h (a query head of the kv head) and block, an online softmax in base 2:
+ *   s[h, j] = scale * log2(e) * q[h] . k[j],  m' = max(m, max_j s),  a = 2**(m - m')
+ *   p = 2**(s - m'),  l = a l + sum_j p,  o = a o + sum_j p v[j]
+ * (a row's blocks come in ascending order); the caller divides o by l and takes
+ * lse = (m + log2 l) ln 2. Rows whose scores so far are all -inf add nothing (their NaN
+ * scores still do), so a row's first finite score starts its sums.
+ *
+ * Backward (FlashAttention-2 style), per row h and block, probabilities recomputed from the
+ * forward's log-sum-exp:
+ *   p[h, j]  = 2**(s[h, j] - lse[h] * log2(e))
  *   dp[h, j] = grad_out[h] . v[j]
  *   ds[h, j] = p * (dp - delta[h] + grad_lse[h]),  delta[h] = grad_out[h] . out[h] (given)
  *   dq[h] += scale * sum_j ds k[j];  dk[j] += scale * sum_h ds q[h];  dv[j] += sum_h p dO[h]
+ * One backward call serves key blocks [b0, b1): it adds the whole gradient of those blocks'
+ * keys into dk and dv (no other call touches those rows) and their part of dq into the dq
+ * given (the caller gives each concurrent call of a kv head its own and sums them in a fixed
+ * order). A forward call serves a range of query rows (all key blocks), so its rows' results
+ * do not depend on how the caller splits them.
  *
- * Everything is float32 (the Python side converts fp16/bf16 inputs; float64 is not declared).
- * One call serves key blocks [b0, b1) of one (batch, kv head): it adds the whole gradient of
- * those blocks' keys into dk and dv (no other call touches those rows) and their part of dq
- * into the dq given (the caller gives each concurrent call of a kv head its own and sums them
- * in a fixed order: results do not depend on threads' timing). Each row's blocks are added in
- * ascending order. The GIL is released while a call runs, so the backend's thread pool runs
- * calls in parallel. Compiled with -ffp-contract=fast (FMAs) and OpenMP SIMD reductions; on
- * x86-64 Linux the kernel is compiled for Haswell (AVX2 + FMA) and baseline, picked for the
- * CPU at load.
+ * Everything is float32 (the Python side converts fp16/bf16 inputs; float64 is not served
+ * here). The GIL is released while a call runs, so the backend's thread pool runs calls in
+ * parallel. Compiled with -ffp-contract=fast (FMAs) and OpenMP SIMD; on x86-64 the tiles are
+ * built for a baseline, AVX2 + FMA and AVX-512, one picked for the CPU at load.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,7 +42,7 @@
 #include <string.h>
 
 
-/* The tiles (_backward_tiles.h) are built for a baseline and, on x86-64 with GCC or Clang,
+/* The tiles (_attention_tiles.h) are built for a baseline and, on x86-64 with GCC or Clang,
  * for AVX2 + FMA and AVX-512, one of which is picked for the CPU at run time. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #define X86_BUILDS 1
@@ -49,67 +57,79 @@
 
 #define LOG2E 1.4426950408889634f
 
-/* One (batch, kv head) of a backward call: C-contiguous float32 views. */
+/* One (batch, kv head) of a call: C-contiguous float32 views. Query row i sits at key
+ * position i + pos0 (pos0 = Lk - Lq for a whole call; a forward over a range of rows passes
+ * the range's first position). */
 typedef struct {
-    const float *q, *k, *v, *lse, *delta, *go, *glse; /* [g,Lq,D] [Lk,D] [Lk,Dv] [g,Lq] [g,Lq]
-                                                         [g,Lq,Dv] [g,Lq] */
-    const int64_t *idx;                               /* [Lq, n_idx], rows ascending; or NULL */
-    float *dq, *dk, *dv;                              /* [g,Lq,D] [Lk,D] [Lk,Dv] added into */
-    Py_ssize_t g, Lq, Lk, D, Dv, n_idx, bs, window;
-    int causal, dense;                                /* dense: no selection and no window */
+    const float *q, *k, *v;                   /* [g,Lq,D] [Lk,D] [Lk,Dv] */
+    const int64_t *idx;                       /* [Lq, n_idx], rows ascending; or NULL */
+    const uint8_t *sel;                       /* or [Lq, n_blocks], 1 = selected; or NULL */
+    /* backward */
+    const float *lse, *delta, *go, *glse;     /* [g,Lq] [g,Lq] [g,Lq,Dv] [g,Lq] */
+    float *dq, *dk, *dv;                      /* [g,Lq,D] [Lk,D] [Lk,Dv] added into */
+    /* forward */
+    float *o, *m, *l;                         /* [g,Lq,Dv] [g,Lq] [g,Lq] online state */
+    Py_ssize_t g, Lq, Lk, D, Dv, n_idx, bs, window, pos0;
+    int causal, dense;                        /* dense: no selection and no window */
     float scale;
 } problem;
 
-/* The keys query row i may see: [0, vis) (causal: up to its position p = i + Lk - Lq). */
+/* The keys query row i may see: [0, vis) (causal: up to its position p = i + pos0). */
 INLINE Py_ssize_t visible(const problem *a, Py_ssize_t i) {
-    const Py_ssize_t p = i + a->Lk - a->Lq;
+    const Py_ssize_t p = i + a->pos0;
     return a->causal ? (p + 1 < a->Lk ? p + 1 : a->Lk) : a->Lk;
 }
 
 /* Row i's window [lo, hi) (empty when there is none), within its visible keys. */
 INLINE void window_of(const problem *a, Py_ssize_t i, Py_ssize_t *lo, Py_ssize_t *hi) {
-    const Py_ssize_t p = i + a->Lk - a->Lq, vis = visible(a, i);
+    const Py_ssize_t p = i + a->pos0, vis = visible(a, i);
     *lo = p - a->window + 1 > 0 ? p - a->window + 1 : 0;
     *hi = p + a->window < vis ? p + a->window : vis;
     if (!a->window || *hi <= *lo) *lo = *hi = 0;
 }
 
 /* Which rows selected which blocks of [b0, b1): per block (relative to b0) the rows in
- * ascending order, rows[start[b] .. start[b + 1]); a row's duplicates and -1 entries are
- * skipped (each index row is ascending). 0, or -1 when out of memory. */
+ * ascending order, rows[start[b] .. start[b + 1]); from the indices (a row's duplicates and -1
+ * entries skipped; each index row is ascending) or the selection matrix. 0, or -1 when out of
+ * memory. */
 typedef struct {
     Py_ssize_t *start;
     int32_t *rows;
 } row_lists;
+
+/* Runs STMT for each row i and each block b of [b0, b1) the row selected. */
+#define FOR_EACH_SELECTED(a, b0, b1, STMT)                                                   \
+    for (Py_ssize_t i = 0; i < (a)->Lq; i++) {                                              \
+        if ((a)->sel) {                                                                     \
+            const uint8_t *row = (a)->sel + i * (a)->n_idx;                                 \
+            for (Py_ssize_t b = (b0); b < (b1); b++)                                        \
+                if (row[b]) { STMT; }                                                       \
+        } else {                                                                            \
+            const int64_t *row = (a)->idx + i * (a)->n_idx;                                 \
+            int64_t prev = -1;                                                              \
+            for (Py_ssize_t c = 0; c < (a)->n_idx; c++) {                                   \
+                const int64_t b = row[c];                                                   \
+                if (b < (b0) || b == prev) continue;                                        \
+                prev = b;                                                                   \
+                if (b >= (b1)) break;                                                       \
+                STMT;                                                                       \
+            }                                                                               \
+        }                                                                                   \
+    }
 
 static int build_row_lists(const problem *a, Py_ssize_t b0, Py_ssize_t b1, row_lists *out) {
     const Py_ssize_t nb = b1 - b0;
     out->start = calloc((size_t)nb + 1, sizeof(Py_ssize_t));
     out->rows = NULL;
     if (!out->start) return -1;
-    for (int pass = 0; pass < 2; pass++) {
-        Py_ssize_t *fill = pass ? malloc((size_t)nb * sizeof(Py_ssize_t)) : NULL;
-        if (pass) {
-            if (!fill) return -1;
-            for (Py_ssize_t b = 0; b < nb; b++) out->start[b + 1] += out->start[b];
-            memcpy(fill, out->start, (size_t)nb * sizeof(Py_ssize_t));
-            out->rows = malloc(((size_t)out->start[nb] + 1) * sizeof(int32_t));
-            if (!out->rows) return free(fill), -1;
-        }
-        for (Py_ssize_t i = 0; i < a->Lq; i++) {
-            const int64_t *row = a->idx + i * a->n_idx;
-            int64_t prev = -1;
-            for (Py_ssize_t c = 0; c < a->n_idx; c++) {
-                const int64_t b = row[c];
-                if (b < b0 || b == prev) continue;
-                prev = b;
-                if (b >= b1) break;
-                if (pass) out->rows[fill[b - b0]++] = (int32_t)i;
-                else out->start[b - b0 + 1]++;
-            }
-        }
-        free(fill);
-    }
+    FOR_EACH_SELECTED(a, b0, b1, out->start[b - b0 + 1]++)
+    for (Py_ssize_t b = 0; b < nb; b++) out->start[b + 1] += out->start[b];
+    Py_ssize_t *fill = malloc(((size_t)nb + 1) * sizeof(Py_ssize_t));
+    out->rows = malloc(((size_t)out->start[nb] + 1) * sizeof(int32_t));
+    if (!fill || !out->rows) return free(fill), -1;
+    memcpy(fill, out->start, (size_t)nb * sizeof(Py_ssize_t));
+    FOR_EACH_SELECTED(a, b0, b1, out->rows[fill[b - b0]++] = (int32_t)i)
+    free(fill);
     return 0;
 }
 
@@ -131,7 +151,7 @@ typedef struct {
 
 INLINE void walk_start(row_walk *r, const problem *a, Py_ssize_t kb, Py_ssize_t b0,
                        const row_lists *sel) {
-    const Py_ssize_t shift = a->Lk - a->Lq;
+    const Py_ssize_t shift = a->pos0;
     r->j0 = kb * a->bs, r->j1 = r->j0 + a->bs < a->Lk ? r->j0 + a->bs : a->Lk;
     r->wi = r->wb = 0;
     if (a->window) { /* positions p with p - window + 1 < j1 and p + window > j0 */
@@ -142,7 +162,7 @@ INLINE void walk_start(row_walk *r, const problem *a, Py_ssize_t kb, Py_ssize_t 
     r->list = NULL, r->ns = r->s = 0, r->dense_row = a->Lq;
     if (a->dense)
         r->dense_row = a->causal ? (r->j0 - shift > 0 ? r->j0 - shift : 0) : 0;
-    else if (a->idx)
+    else if (a->idx || a->sel)
         r->list = sel->rows + sel->start[kb - b0],
         r->ns = sel->start[kb - b0 + 1] - sel->start[kb - b0];
 }
@@ -177,29 +197,54 @@ INLINE int walk_next(row_walk *r, const problem *a, Py_ssize_t *i, Py_ssize_t *l
 /* Query rows run together against a block: they share their key range [c0, c1) (relative
  * to the block's first key). */
 typedef struct {
-    Py_ssize_t *rows, n, c0, c1;
+    const Py_ssize_t *rows;
+    Py_ssize_t n, c0, c1;
 } batch;
 
-/* A call's scratch (see _backward_tiles.h for the layouts): the prepared block, a batch's
+/* A call's scratch (see _attention_tiles.h for the layouts): the prepared block, a batch's
  * packed rows and products, the block's gradients. */
 typedef struct {
-    float *Kp, *KT, *VT, *Qb, *Gb, *S, *dP, *dQb, *dKp, *dVp, *mlse, *shift;
-    Py_ssize_t *rows;
+    float *Kp, *KT, *VT, *Vp, *Qb, *Gb, *S, *dP, *dQb, *dKp, *dVp, *mlse, *shift;
+    Py_ssize_t *meet_row, *meet_c0, *meet_c1; /* the rows meeting a block, their key ranges */
     Py_ssize_t Dp, Dvp, Np, max_rows;
 } block;
 
-/* Copies the block's nk keys from key j0 into Kp, KT and VT (zero padded); zeroes dKp, dVp. */
+/* Copies the block's nk keys from key j0 into Kp, KT, VT and Vp (zero padded); zeroes dKp
+ * and dVp. */
 INLINE void prepare_block(const problem *a, Py_ssize_t j0, Py_ssize_t nk, const block *w) {
     const Py_ssize_t D = a->D, Dv = a->Dv, Dp = w->Dp, Dvp = w->Dvp, Np = w->Np;
     memset(w->Kp, 0, (size_t)(Np * Dp) * 4), memset(w->KT, 0, (size_t)(Dp * Np) * 4);
-    memset(w->VT, 0, (size_t)(Dvp * Np) * 4);
+    memset(w->VT, 0, (size_t)(Dvp * Np) * 4), memset(w->Vp, 0, (size_t)(Np * Dvp) * 4);
     memset(w->dKp, 0, (size_t)(Np * Dp) * 4), memset(w->dVp, 0, (size_t)(Np * Dvp) * 4);
     for (Py_ssize_t j = 0; j < nk; j++) {
         const float *kj = a->k + (j0 + j) * D, *vj = a->v + (j0 + j) * Dv;
-        memcpy(w->Kp + j * Dp, kj, (size_t)D * 4);
+        memcpy(w->Kp + j * Dp, kj, (size_t)D * 4), memcpy(w->Vp + j * Dvp, vj, (size_t)Dv * 4);
         for (Py_ssize_t d = 0; d < D; d++) w->KT[d * Np + j] = kj[d];
         for (Py_ssize_t d = 0; d < Dv; d++) w->VT[d * Np + j] = vj[d];
     }
+}
+
+/* Asks the cache for the rows a batch reads and writes (q, and o or grad_out and dq). */
+INLINE void prefetch_rows(const problem *a, const Py_ssize_t *rows, Py_ssize_t n, int forward) {
+#if defined(__GNUC__)
+    for (Py_ssize_t r = 0; r < n; r++)
+        for (Py_ssize_t h = 0; h < a->g; h++) {
+            const Py_ssize_t row = h * a->Lq + rows[r];
+            for (Py_ssize_t d = 0; d < a->D; d += 16) __builtin_prefetch(a->q + row * a->D + d);
+            for (Py_ssize_t d = 0; d < a->Dv; d += 16) {
+                if (forward) {
+                    __builtin_prefetch(a->o + row * a->Dv + d, 1);
+                } else {
+                    __builtin_prefetch(a->go + row * a->Dv + d);
+                }
+            }
+            if (!forward)
+                for (Py_ssize_t d = 0; d < a->D; d += 16)
+                    __builtin_prefetch(a->dq + row * a->D + d, 1);
+        }
+#else
+    (void)a, (void)rows, (void)n, (void)forward;
+#endif
 }
 
 /* Adds the block's gradients into dk and dv. */
@@ -235,7 +280,7 @@ typedef struct {
 #define TD 2
 #define TQ 4
 #define TR 4
-#include "_backward_tiles.h"
+#include "_attention_tiles.h"
 static const tiling TILING_base = {VW, TM, TJ, TQ, TD};
 #undef ISA_NAME
 #undef ISA_ATTR
@@ -255,7 +300,7 @@ static const tiling TILING_base = {VW, TM, TJ, TQ, TD};
 #define TD 2
 #define TQ 4
 #define TR 4
-#include "_backward_tiles.h"
+#include "_attention_tiles.h"
 static const tiling TILING_avx2 = {VW, TM, TJ, TQ, TD};
 #undef ISA_NAME
 #undef ISA_ATTR
@@ -274,7 +319,7 @@ static const tiling TILING_avx2 = {VW, TM, TJ, TQ, TD};
 #define TD 2
 #define TQ 8
 #define TR 8
-#include "_backward_tiles.h"
+#include "_attention_tiles.h"
 static const tiling TILING_avx512 = {VW, TM, TJ, TQ, TD};
 #undef ISA_NAME
 #undef ISA_ATTR
@@ -315,13 +360,13 @@ static tiling tiling_of(int isa) {
 }
 
 static void run_isa(int isa, const problem *a, Py_ssize_t b0, Py_ssize_t b1,
-                    const row_lists *l, const block *w) {
+                    const row_lists *l, const block *w, int forward) {
 #if X86_BUILDS
-    if (isa == ISA_AVX512) return backward_avx512(a, b0, b1, l, w);
-    if (isa == ISA_AVX2) return backward_avx2(a, b0, b1, l, w);
+    if (isa == ISA_AVX512) return walk_blocks_avx512(a, b0, b1, l, w, forward);
+    if (isa == ISA_AVX2) return walk_blocks_avx2(a, b0, b1, l, w, forward);
 #endif
     (void)isa;
-    backward_base(a, b0, b1, l, w);
+    walk_blocks_base(a, b0, b1, l, w, forward);
 }
 
 /* Rows per batch: about 32 (query row, head) rows, at least one query row. */
@@ -336,20 +381,48 @@ static int block_alloc(const problem *a, tiling t, block *w) {
     w->max_rows = BATCH_HEAD_ROWS / g > 1 ? BATCH_HEAD_ROWS / g : 1;
     const Py_ssize_t Mp = round_up(w->max_rows * g, t.tm > t.tq ? t.tm : t.tq);
     const Py_ssize_t Dp = w->Dp, Dvp = w->Dvp, Np = w->Np;
-    const Py_ssize_t sizes[] = {Np * Dp, Dp * Np, Dvp * Np, Mp * Dp, Mp * Dvp, Mp * Np, Mp * Np,
-                                Mp * Dp, Np * Dp, Np * Dvp, Mp, Mp};
+    const Py_ssize_t sizes[] = {Np * Dp, Dp * Np, Dvp * Np, Np * Dvp, Mp * Dp, Mp * Dvp, Mp * Np,
+                                Mp * Np, Mp * (Dp > Dvp ? Dp : Dvp), Np * Dp, Np * Dvp, Mp, Mp};
     Py_ssize_t total = 0;
     for (size_t n = 0; n < sizeof sizes / sizeof *sizes; n++) total += sizes[n];
     float *base = malloc((size_t)total * sizeof(float));
-    w->rows = malloc((size_t)w->max_rows * sizeof(Py_ssize_t));
-    if (!base || !w->rows) return free(base), free(w->rows), w->rows = NULL, w->Kp = NULL, -1;
-    float **parts[] = {&w->Kp, &w->KT, &w->VT, &w->Qb, &w->Gb, &w->S, &w->dP,
+    w->meet_row = malloc((size_t)(3 * (a->Lq ? a->Lq : 1)) * sizeof(Py_ssize_t));
+    if (!base || !w->meet_row)
+        return free(base), free(w->meet_row), w->meet_row = NULL, w->Kp = NULL, -1;
+    w->meet_c0 = w->meet_row + a->Lq, w->meet_c1 = w->meet_c0 + a->Lq;
+    float **parts[] = {&w->Kp, &w->KT, &w->VT, &w->Vp, &w->Qb, &w->Gb, &w->S, &w->dP,
                        &w->dQb, &w->dKp, &w->dVp, &w->mlse, &w->shift};
     for (size_t n = 0; n < sizeof sizes / sizeof *sizes; n++) *parts[n] = base, base += sizes[n];
     return 0;
 }
 
-static void block_free(block *w) { free(w->Kp), free(w->rows); }
+static void block_free(block *w) { free(w->Kp), free(w->meet_row); }
+
+/* Runs key blocks [b0, b1) of `a` (forward or backward) on build `isa` (-1: the best) with the
+ * GIL released. 0, or -1 with the error set. */
+static int run_problem(problem *a, Py_ssize_t b0, Py_ssize_t b1, int isa, int forward,
+                       const char *name) {
+    if (isa < 0) isa = best_isa();
+    if (isa >= N_ISA || !isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "%s: isa %d is not built or not supported by this CPU",
+                     name, isa);
+        return -1;
+    }
+    a->dense = !a->idx && !a->sel && !a->window;
+    block w = {0};
+    row_lists lists = {0};
+    if (block_alloc(a, tiling_of(isa), &w) < 0 ||
+        ((a->idx || a->sel) && build_row_lists(a, b0, b1, &lists) < 0)) {
+        block_free(&w), free_row_lists(&lists);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_isa(isa, a, b0, b1, &lists, &w, forward);
+    Py_END_ALLOW_THREADS
+    block_free(&w), free_row_lists(&lists);
+    return 0;
+}
 
 /* ---- the module ---------------------------------------------------------------------- */
 
@@ -413,25 +486,67 @@ static PyObject *attention_backward(PyObject *self, PyObject *args) {
     a.idx = held[IDX] ? views[IDX].buf : NULL;
     a.dq = views[8].buf, a.dk = views[9].buf, a.dv = views[10].buf;
     a.bs = bs, a.window = window, a.causal = causal, a.scale = (float)scale;
-    a.dense = !a.idx && !a.window;
-    if (isa < 0) isa = best_isa();
-    if (isa >= N_ISA || !isa_supported(isa)) {
-        PyErr_Format(PyExc_ValueError, "attention_backward: isa %d is not built or not "
-                     "supported by this CPU", isa);
+    a.pos0 = a.Lk - a.Lq;
+    if (run_problem(&a, b0, b1, isa, 0, "attention_backward") < 0) goto done;
+    result = Py_NewRef(Py_None);
+done:
+    for (int n = 0; n < NARR; n++)
+        if (held[n]) PyBuffer_Release(&views[n]);
+    return result;
+}
+
+PyDoc_STRVAR(attention_forward_doc,
+"attention_forward(q, k, v, selected, o, m, l, pos0, block_size, window, causal, scale,\n"
+"                  isa=-1) -> None\n\n"
+"The online-softmax sums of sparse_attention for the query rows of q of one (batch, kv\n"
+"head), float32, C-contiguous: q [g, n, D] (row i at key position pos0 + i), k [Lk, D],\n"
+"v [Lk, Dv], selected uint8 [n, n_blocks] (1 = the row selected the block) or None (no\n"
+"selection: window, or dense attention without one). Updates o [g, n, Dv] (sum of p v), m\n"
+"[g, n] (the max score, log2 units) and l [g, n] (sum of p), which start as 0, -inf, 0: out\n"
+"is o / l and lse (m + log2 l) ln 2. isa as for attention_backward.");
+
+static PyObject *attention_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    enum { NARR = 7, SEL = 3, OUT0 = 4 };
+    PyObject *o[NARR];
+    Py_ssize_t pos0, bs, window;
+    int causal, isa = -1;
+    double scale;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnnnpd|i", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &o[6], &pos0, &bs, &window, &causal, &scale, &isa))
+        return NULL;
+    static const char *names[] = {"q", "k", "v", "selected", "o", "m", "l"};
+    static const int ndims[] = {3, 2, 2, 2, 3, 2, 2};
+    Py_buffer views[NARR];
+    Py_ssize_t shapes[NARR][3];
+    int held[NARR] = {0};
+    PyObject *result = NULL;
+    for (int n = 0; n < NARR; n++) {
+        if (o[n] == Py_None && n == SEL) continue;
+        if (get_buffer(o[n], &views[n], ndims[n], n == SEL ? 1 : 4, n >= OUT0, names[n]) < 0)
+            goto done;
+        held[n] = 1;
+        for (int d = 0; d < ndims[n]; d++) shapes[n][d] = views[n].shape[d];
+    }
+    problem a = {0};
+    a.g = shapes[0][0], a.Lq = shapes[0][1], a.D = shapes[0][2];
+    a.Lk = shapes[1][0], a.Dv = shapes[2][1];
+    const Py_ssize_t n_blocks = (a.Lk + bs - 1) / (bs >= 1 ? bs : 1);
+    const size_t two = 2 * sizeof(Py_ssize_t);
+    const int ok = shapes[1][1] == a.D && shapes[2][0] == a.Lk && shapes[4][0] == a.g &&
+                   shapes[4][1] == a.Lq && shapes[4][2] == a.Dv && shapes[5][0] == a.g &&
+                   shapes[5][1] == a.Lq && memcmp(shapes[6], shapes[5], two) == 0 &&
+                   (!held[SEL] || (shapes[SEL][0] == a.Lq && shapes[SEL][1] == n_blocks)) &&
+                   bs >= 1 && window >= 0 && a.Lq < INT32_MAX;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "attention_forward: shapes or options disagree");
         goto done;
     }
-    block w = {0};
-    row_lists lists = {0};
-    if (block_alloc(&a, tiling_of(isa), &w) < 0 ||
-        (a.idx && build_row_lists(&a, b0, b1, &lists) < 0)) {
-        block_free(&w), free_row_lists(&lists);
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    run_isa(isa, &a, b0, b1, &lists, &w);
-    Py_END_ALLOW_THREADS
-    block_free(&w), free_row_lists(&lists);
+    a.q = views[0].buf, a.k = views[1].buf, a.v = views[2].buf;
+    a.sel = held[SEL] ? views[SEL].buf : NULL, a.n_idx = held[SEL] ? n_blocks : 0;
+    a.o = views[4].buf, a.m = views[5].buf, a.l = views[6].buf;
+    a.bs = bs, a.window = window, a.causal = causal, a.scale = (float)scale, a.pos0 = pos0;
+    if (run_problem(&a, 0, n_blocks, isa, 1, "attention_forward") < 0) goto done;
     result = Py_NewRef(Py_None);
 done:
     for (int n = 0; n < NARR; n++)
@@ -440,17 +555,18 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"attention_forward", attention_forward, METH_VARARGS, attention_forward_doc},
     {"attention_backward", attention_backward, METH_VARARGS, attention_backward_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "dshal.backends.numpy._backward",
-    "The compiled backward of sparse_attention (see _backward.c).", -1, methods,
+    PyModuleDef_HEAD_INIT, "dshal.backends.numpy._attention",
+    "The compiled float32 attention of the numpy backend (see _attention.c).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__backward(void) {
+PyMODINIT_FUNC PyInit__attention(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyObject *names = PyTuple_New(N_ISA);
