@@ -10,7 +10,12 @@ call per sequence. Rows of a table are timed alternately, best of ``--repeat``, 
 pause (idle worker threads of the other library must not be spinning). Public API calls
 (``dshal.ops.sparse_attention``), so the times include validation and dispatch.
 
-    python benchmarks/quick_serving.py [--repeat 3] [--tiny]
+Torch backend decode (``--torch-decode``): the same cache in torch (``library="torch"``), paged +
+block_keys through ``backend="torch"``, batched (:mod:`dshal.torch.batched`) against the
+per-sequence path (``dshal.torch.forms.BATCHED_ROWS = 0``: one contiguous call per sequence, as
+before the batched path) and SDPA on the same data, B = 8 and 32 at cache 8192.
+
+    python benchmarks/quick_serving.py [--repeat 3] [--tiny] [--torch-decode]
 """
 
 from __future__ import annotations
@@ -81,6 +86,46 @@ def decode_runs(B: int, L: int, rng: np.random.Generator) -> dict[str, Callable[
     }
 
 
+def torch_decode_runs(B: int, L: int, rng: np.random.Generator
+                      ) -> dict[str, Callable[[], object]]:
+    """The torch backend's paged decode, per-sequence and batched, against SDPA."""
+    import torch
+
+    from dshal.torch import forms as torch_forms
+
+    cache = PagedKVCache(B * (-(-L // 256) + 1), 256, HKV, D, block_size=OPTS["block_size"],
+                         library="torch")
+    seqs = [cache.add_sequence() for _ in range(B)]
+    for s in seqs:  # prompts in chunks, so the pages of the sequences interleave in the pool
+        for a in range(0, L, 4096):
+            n = min(4096, L - a)
+            cache.append(s, torch.from_numpy(rng.standard_normal((HKV, n, D), np.float32)),
+                         torch.from_numpy(rng.standard_normal((HKV, n, D), np.float32)))
+    q = torch.from_numpy(rng.standard_normal((B, H, 1, D), dtype=np.float32))
+    paged = cache.attention_args(seqs)
+    k = torch.stack([cache.contiguous(s)[0] for s in seqs])
+    v = torch.stack([cache.contiguous(s)[1] for s in seqs])
+
+    def dshal_torch(rows: int) -> Callable[[], object]:
+        def run() -> object:
+            torch_forms.BATCHED_ROWS = rows
+            try:
+                return dshal.ops.sparse_attention(q, cache.k_pages, cache.v_pages, **paged,
+                                                  backend="torch", **OPTS)
+            finally:
+                torch_forms.BATCHED_ROWS = default
+
+        return run
+
+    default = torch_forms.BATCHED_ROWS
+    return {
+        "torch SDPA (dense decode)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True),
+        "dshal torch, per-sequence loop (before)": dshal_torch(0),
+        "dshal torch, batched (after)": dshal_torch(default),
+    }
+
+
 def prefill_runs(lengths: list[int], rng: np.random.Generator
                  ) -> dict[str, Callable[[], object]]:
     import torch
@@ -116,12 +161,21 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (the smoke test)")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--torch-decode", action="store_true",
+                    help="only the torch backend's decode, per-sequence against batched")
     args = ap.parse_args()
     import torch
 
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}; options {OPTS}, Hq={H}, Hkv={HKV}, "
           f"D={D}, float32, best of {args.repeat}")
+    if args.torch_decode:
+        for B in (2, 3) if args.tiny else (8, 32):
+            L = 512 if args.tiny else 8192
+            best = best_of(torch_decode_runs(B, L, rng), args.repeat)
+            print(table(f"torch backend decode B={B} cache {L}", best,
+                        "torch SDPA (dense decode)"), "\n")
+        return
     decode = [(2, 512), (1, 1024)] if args.tiny else \
         [(8, 8192), (8, 32768), (1, 8192), (1, 32768), (1, 131072)]
     for B, L in decode:

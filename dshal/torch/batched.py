@@ -103,16 +103,12 @@ def _attend(call: AttentionCall, seqs: SeqArrays) -> Rows:
     sel = _selection(call, seqs, qg, geo, qb, qrow, pos, real)
     W = _width(call, seqs)
     blocks = _blocks(call, seqs, sel, pos, real, W, dev)  # [n, Hkv, W], nbm = none
-    out_rows = Rows(qb[real], qrow[real], torch.zeros(int(real.sum()), Hq, Dv, dtype=cdt,
-                                                      device=dev),
-                    torch.full((int(real.sum()), Hq), -math.inf, dtype=torch.float32,
-                               device=dev), None)
-    if sel is not None:
-        picked = attention.mask_to_indices(sel)  # [n, Hkv, lqm, width]
-        out_rows = Rows(out_rows.b, out_rows.q, out_rows.out, out_rows.lse,
-                        picked.permute(0, 2, 1, 3)[_dev(real, dev)])
-    if W == 0 or nbm == 0:
-        return out_rows
+    keep, m = _dev(real, dev), int(real.sum())
+    indices = None if sel is None else \
+        attention.mask_to_indices(sel).permute(0, 2, 1, 3)[keep]  # [m, Hkv, width]
+    if W == 0 or nbm == 0:  # no keys anywhere: nothing allowed
+        return Rows(qb[real], qrow[real], torch.zeros(m, Hq, Dv, dtype=cdt, device=dev),
+                    torch.full((m, Hq), -math.inf, dtype=torch.float32, device=dev), indices)
     j = (blocks[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)  # [n, Hkv, N]
     lk = _dev(seqs.lk, dev)[:, None, None]
     present = (j < lk) & (blocks < nbm).repeat_interleave(bs, dim=-1)
@@ -125,10 +121,9 @@ def _attend(call: AttentionCall, seqs: SeqArrays) -> Rows:
     p, lse = attention._softmax(qr, kg, tile, geo)
     bad = None if lqm == 1 else attention._bad_rows(vg)  # one row: vg is 0 where not seen
     o = attention._safe_mm(p, vg, bad, tile, geo)  # [n, Hkv, g * lqm, Dv]
-    keep = _dev(real, dev)
     o = o.reshape(n, Hq, lqm, Dv).permute(0, 2, 1, 3)[keep]
     lse = lse.reshape(n, Hq, lqm).permute(0, 2, 1)[keep].to(torch.float32)
-    return Rows(out_rows.b, out_rows.q, o, lse, out_rows.indices)
+    return Rows(qb[real], qrow[real], o, lse, indices)
 
 
 def _dev(x: np.ndarray, dev: torch.device) -> torch.Tensor:
