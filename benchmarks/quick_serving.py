@@ -10,12 +10,14 @@ call per sequence. Rows of a table are timed alternately, best of ``--repeat``, 
 pause (idle worker threads of the other library must not be spinning). Public API calls
 (``dshal.ops.sparse_attention``), so the times include validation and dispatch.
 
-Torch backend decode (``--torch-decode``): the same cache in torch (``library="torch"``), paged +
+The torch backend (``--torch``): decode on the same cache in torch (``library="torch"``), paged +
 block_keys through ``backend="torch"``, batched (:mod:`dshal.torch.batched`) against the
 per-sequence path (``dshal.torch.forms.BATCHED_ROWS = 0``: one contiguous call per sequence, as
-before the batched path) and SDPA on the same data, B = 8 and 32 at cache 8192.
+before the batched path) and SDPA on the same data, B = 8 and 32 at cache 8192; then a short
+varlen prefill, per sequence (the default for sequences longer than ``BATCHED_ROWS``) against
+the batched path forced on every sequence (padded to the longest) and a per-sequence SDPA loop.
 
-    python benchmarks/quick_serving.py [--repeat 3] [--tiny] [--torch-decode]
+    python benchmarks/quick_serving.py [--repeat 3] [--tiny] [--torch]
 """
 
 from __future__ import annotations
@@ -91,7 +93,6 @@ def torch_decode_runs(B: int, L: int, rng: np.random.Generator
     """The torch backend's paged decode, per-sequence and batched, against SDPA."""
     import torch
 
-    from dshal.torch import forms as torch_forms
 
     cache = PagedKVCache(B * (-(-L // 256) + 1), 256, HKV, D, block_size=OPTS["block_size"],
                          library="torch")
@@ -106,23 +107,56 @@ def torch_decode_runs(B: int, L: int, rng: np.random.Generator
     k = torch.stack([cache.contiguous(s)[0] for s in seqs])
     v = torch.stack([cache.contiguous(s)[1] for s in seqs])
 
-    def dshal_torch(rows: int) -> Callable[[], object]:
-        def run() -> object:
-            torch_forms.BATCHED_ROWS = rows
-            try:
-                return dshal.ops.sparse_attention(q, cache.k_pages, cache.v_pages, **paged,
-                                                  backend="torch", **OPTS)
-            finally:
-                torch_forms.BATCHED_ROWS = default
+    def run() -> object:
+        return dshal.ops.sparse_attention(q, cache.k_pages, cache.v_pages, **paged,
+                                          backend="torch", **OPTS)
 
-        return run
-
-    default = torch_forms.BATCHED_ROWS
     return {
         "torch SDPA (dense decode)": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, enable_gqa=True),
-        "dshal torch, per-sequence loop (before)": dshal_torch(0),
-        "dshal torch, batched (after)": dshal_torch(default),
+        "dshal torch, per-sequence loop (before)": with_batched_rows(0, run),
+        "dshal torch, batched (after)": run,
+    }
+
+
+def with_batched_rows(rows: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``dshal.torch.forms.BATCHED_ROWS = rows`` (restored after)."""
+    from dshal.torch import forms as torch_forms
+
+    def run() -> object:
+        default, torch_forms.BATCHED_ROWS = torch_forms.BATCHED_ROWS, rows
+        try:
+            return fn()
+        finally:
+            torch_forms.BATCHED_ROWS = default
+
+    return run
+
+
+def torch_prefill_runs(lengths: list[int], rng: np.random.Generator
+                       ) -> dict[str, Callable[[], object]]:
+    """A varlen prefill on the torch backend: per sequence against the batched path forced
+    on every sequence, and a per-sequence SDPA loop."""
+    import torch
+
+    T = sum(lengths)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, h, T, D), np.float32))
+               for h in (H, HKV, HKV))
+    cu = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def loop() -> None:
+        for a, z in itertools.pairwise(cu.tolist()):
+            sdpa(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], is_causal=True, enable_gqa=True)
+
+    def run() -> object:
+        return dshal.ops.sparse_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          backend="torch", **OPTS)
+
+    return {
+        "torch SDPA per-sequence loop": loop,
+        "dshal torch varlen, per sequence (default)": run,
+        "dshal torch varlen, batched (padded)": with_batched_rows(max(lengths), run),
     }
 
 
@@ -161,20 +195,24 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (the smoke test)")
     ap.add_argument("--skip-prefill", action="store_true")
-    ap.add_argument("--torch-decode", action="store_true",
-                    help="only the torch backend's decode, per-sequence against batched")
+    ap.add_argument("--torch", action="store_true",
+                    help="only the torch backend: decode and prefill, per sequence and batched")
     args = ap.parse_args()
     import torch
 
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}; options {OPTS}, Hq={H}, Hkv={HKV}, "
           f"D={D}, float32, best of {args.repeat}")
-    if args.torch_decode:
+    if args.torch:
         for B in (2, 3) if args.tiny else (8, 32):
             L = 512 if args.tiny else 8192
             best = best_of(torch_decode_runs(B, L, rng), args.repeat)
             print(table(f"torch backend decode B={B} cache {L}", best,
                         "torch SDPA (dense decode)"), "\n")
+        lengths = [40, 17, 9] if args.tiny else [1024, 768, 640, 512, 384, 320, 256, 192]
+        best = best_of(torch_prefill_runs(lengths, rng), args.repeat)
+        print(table(f"torch backend varlen prefill {len(lengths)} sequences {lengths} (total "
+                    f"{sum(lengths)})", best, "torch SDPA per-sequence loop"))
         return
     decode = [(2, 512), (1, 1024)] if args.tiny else \
         [(8, 8192), (8, 32768), (1, 8192), (1, 32768), (1, 131072)]

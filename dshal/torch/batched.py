@@ -109,14 +109,15 @@ def _attend(call: AttentionCall, seqs: SeqArrays) -> Rows:
     if W == 0 or nbm == 0:  # no keys anywhere: nothing allowed
         return Rows(qb[real], qrow[real], torch.zeros(m, Hq, Dv, dtype=cdt, device=dev),
                     torch.full((m, Hq), -math.inf, dtype=torch.float32, device=dev), indices)
-    j = (blocks[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)  # [n, Hkv, N]
-    lk = _dev(seqs.lk, dev)[:, None, None]
-    present = (j < lk) & (blocks < nbm).repeat_interleave(bs, dim=-1)
-    kg = torch.where(present[..., None], _gather(k, call, seqs, blocks, j, present).to(cdt), 0)
+    j = blocks[..., None] * bs + torch.arange(bs, device=dev)  # [n, Hkv, W, bs]
+    present = j < _dev(seqs.lk, dev)[:, None, None, None]  # padding blocks lie past lk too
+    j, present = j.flatten(-2), present.flatten(-2)  # [n, Hkv, N]
+    kg = _gather(k, call, seqs, blocks, j, present).to(cdt)  # masked in the scores
     allowed = _allowed(call, sel, blocks, j, present, _dev(pos, dev), _dev(real, dev), nbm)
     tile = Tile((slice(None), slice(None)), 0, lqm, slice(None), allowed)
     seen = allowed.any(dim=2)  # [n, Hkv, N]: keys some row may see
-    vg = torch.where(seen[..., None], _gather(v, call, seqs, blocks, j, present).to(cdt), 0)
+    vg = _gather(v, call, seqs, blocks, j, present).to(cdt)
+    vg = vg.masked_fill_(~seen[..., None], 0)  # no NaN * 0 in the product below
     qr = qg.reshape(n, Hkv, g * lqm, D)
     p, lse = attention._softmax(qr, kg, tile, geo)
     bad = None if lqm == 1 else attention._bad_rows(vg)  # one row: vg is 0 where not seen
@@ -268,14 +269,17 @@ def _allowed(call: AttentionCall, sel: torch.Tensor | None, blocks: torch.Tensor
              nbm: int) -> torch.Tensor:
     """bool [n, Hkv, lqm, N]: key j allowed for row i (DESIGN 3.1 per sequence)."""
     bs, w = call.block_size, call.window
-    p = pos[:, None, :, None]
-    jj = j[:, :, None, :]
-    allowed = present[:, :, None, :] & real[:, None, :, None]
+    n, Hkv, W = blocks.shape
+    lqm = pos.shape[1]
+    p = pos[:, None, :, None, None]  # [n, 1, lqm, 1, 1]
+    jj = j.view(n, Hkv, 1, W, bs)
+    allowed = present.view(n, Hkv, 1, W, bs) & real[:, None, :, None, None]
     if call.causal:
         allowed = allowed & (jj <= p)
-    in_window = (p - jj).abs() < w
     if sel is not None:
-        blk = torch.clamp(blocks, max=max(nbm - 1, 0)).repeat_interleave(bs, dim=-1)
-        chosen = torch.gather(sel, 3, blk[:, :, None, :].expand(-1, -1, sel.shape[2], -1))
-        return allowed & (in_window | chosen)
-    return allowed & in_window if w > 0 else allowed
+        blk = torch.clamp(blocks, max=max(nbm - 1, 0))[:, :, None, :].expand(-1, -1, lqm, -1)
+        chosen = torch.gather(sel, 3, blk)[..., None]  # [n, Hkv, lqm, W, 1]
+        allowed = allowed & (((p - jj).abs() < w) | chosen if w > 0 else chosen)
+    elif w > 0:
+        allowed = allowed & ((p - jj).abs() < w)
+    return allowed.flatten(-2)
