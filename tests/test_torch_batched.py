@@ -153,3 +153,25 @@ def test_float32_decode_matches_per_sequence_path(monkeypatch):
     np.testing.assert_allclose(new[0], old[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new[2], old[2], rtol=1e-5, atol=1e-6)
     assert np.isfinite(new[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tied_block_means_select_the_lower_blocks(dtype, monkeypatch):
+    """Every key block a copy of its sequence's first (small integers: every mean and score is
+    exact): the batched selection from block means is the reference's, ties to the lower
+    block, in every dtype."""
+    rng = np.random.default_rng(8)
+    lk = [100, 5, 0, 129, 64, 48]
+    lq = [1, 3, 0, 2, 1, 16]
+    qs = [rng.integers(-3, 4, (4, n, 16)).astype(dtype) for n in lq]
+    ks = [np.tile(rng.integers(-3, 4, (2, BS, 16)), (1, -(-n // BS), 1))[:, :n].astype(dtype)
+          for n in lk]
+    vs = [rng.standard_normal((2, n, 16)).astype(dtype) for n in lk]
+    q, k, v = (np.concatenate(xs, axis=1)[None] for xs in (qs, ks, vs))
+    cu_q = np.concatenate(([0], np.cumsum(lq))).astype(np.int32)
+    cu_k = np.concatenate(([0], np.cumsum(lk))).astype(np.int32)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, top_k=3, block_size=BS, causal=True)
+    got = _run(q, k, v, True, monkeypatch, return_indices=True, **kw)
+    want = ref.sparse_attention(q, k, v, **kw)[1]
+    np.testing.assert_array_equal(got[1], want)
+    assert (want[0, :, 0, :3] == [0, 1, 2]).all()  # the lowest of the tied blocks
