@@ -2,9 +2,11 @@
 
 Two pieces:
 
-- :func:`sparse_attention_forms`, the torch backend's forward for these forms: each sequence
-  (:func:`dshal.forms.sequences`) runs as a contiguous call of :mod:`dshal.torch.attention` on
-  its query rows and its keys (gathered from its pages when paged), with its block_keys.
+- :func:`sparse_attention_forms`, the torch backend's forward for these forms: sequences with
+  up to :data:`BATCHED_ROWS` queries (decode, short chunks) are served together by
+  :mod:`dshal.torch.batched` (one set of tensor ops, no per-sequence loop); each longer one
+  (prefill) runs as a contiguous call of :mod:`dshal.torch.attention` on its query rows and
+  its keys (gathered from its pages when paged), with its block_keys.
 - ``torch.ops.dshal.sparse_attention_forms``, the custom operator ``dshal.torch`` routes these
   forms to, with a fake implementation (validated by the same planner as ``dshal.ops``) and
   autograd: the backward runs ``torch.ops.dshal._sparse_attention_backward`` per sequence with
