@@ -175,3 +175,32 @@ def test_tied_block_means_select_the_lower_blocks(dtype, monkeypatch):
     want = ref.sparse_attention(q, k, v, **kw)[1]
     np.testing.assert_array_equal(got[1], want)
     assert (want[0, :, 0, :3] == [0, 1, 2]).all()  # the lowest of the tied blocks
+
+
+def test_strided_pools_and_packed_rows(monkeypatch):
+    """Non-contiguous k/v (a pool stored [P, page_size, Hkv, D], packed rows stored [Tk, H,
+    D]) take the advanced-indexing gather and give the same results."""
+    r = ragged([1, 1, 1, 1], [0, 9, 40, 77], seed=12, dtype=np.float64)
+    kp, vp, table, seqlens = r.paged(16, np.random.default_rng(2))
+    q = torch.from_numpy(np.stack(r.qs))
+    kw = dict(block_table=torch.from_numpy(table), seqlens_k=torch.from_numpy(seqlens),
+              top_k=1, window=5, causal=True, block_size=BS, backend="torch",
+              return_lse=True)
+    strided = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+                                ).permute(0, 2, 1, 3) for x in (kp, vp)]
+    assert not strided[0].is_contiguous()
+    got = dshal.ops.sparse_attention(q, *strided, **kw)
+    want = dshal.ops.sparse_attention(q, torch.from_numpy(kp), torch.from_numpy(vp), **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    rv = ragged([2, 0, 3], [20, 4, 33], seed=13, dtype=np.float64)
+    qv, kv, vv = rv.packed()
+    kwv = dict(cu_seqlens_q=T(rv.cu_q), cu_seqlens_k=T(rv.cu_k), top_k=2, window=3,
+               block_size=BS, backend="torch", return_lse=True)
+    strided = [torch.from_numpy(np.ascontiguousarray(x[0].transpose(1, 0, 2))
+                                ).permute(1, 0, 2)[None] for x in (kv, vv)]
+    assert not strided[0].is_contiguous()
+    got = dshal.ops.sparse_attention(T(qv), *strided, **kwv)
+    want = dshal.ops.sparse_attention(T(qv), T(kv), T(vv), **kwv)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -245,23 +245,32 @@ def _gather(x: torch.Tensor, call: AttentionCall, seqs: SeqArrays, blocks: torch
             j: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Keys (or values) of positions ``j`` [n, Hkv, N] (whole blocks ``blocks`` [n, Hkv, W])
     of every sequence: [n, Hkv, N, E]; rows not ``present`` hold some row of x (never read
-    past a page the sequence owns: the caller zeroes them)."""
+    past a page the sequence owns: the caller zeroes them). A contiguous x is read with one
+    ``index_select`` of whole rows (a block of a page, or a key), else by advanced indexing."""
     dev = x.device
     n, Hkv = blocks.shape[:2]
+    E = x.shape[3]
     heads = torch.arange(Hkv, device=dev)[None, :, None]
     bs = call.block_size
-    if seqs.table is not None:
+    if E == 0:
+        return x.new_zeros(n, Hkv, j.shape[-1], 0)
+    if seqs.table is not None:  # whole blocks of pages
         per = x.shape[2] // bs
         col = torch.clamp(blocks // per, max=seqs.table.shape[1] - 1)
         owned = blocks < _dev(-(-seqs.lk // bs), dev)[:, None, None]  # [n, Hkv, W]
         table = _dev(seqs.table, dev)[:, None, :].expand(n, Hkv, -1)
         page = torch.where(owned, torch.gather(table, 2, col), 0)
-        out = x.unflatten(2, (per, bs))[page, heads, blocks % per]  # [n, Hkv, W, bs, E]
-        return out.flatten(2, 3)
+        if x.is_contiguous():  # rows of bs * E elements
+            row = ((page * Hkv + heads) * per + blocks % per).flatten()
+            return x.view(-1, bs * E).index_select(0, row).view(n, Hkv, -1, E)
+        return x.unflatten(2, (per, bs))[page, heads, blocks % per].flatten(2, 3)
     last = max(x.shape[2] - 1, 0)
-    rows = torch.clamp(_dev(seqs.k0, dev)[:, None, None] + j, max=last)
-    rows = torch.where(present, rows, 0)
-    return x[_dev(seqs.kb, dev)[:, None, None], heads, rows]
+    pos = torch.where(present, torch.clamp(_dev(seqs.k0, dev)[:, None, None] + j, max=last), 0)
+    b = _dev(seqs.kb, dev)[:, None, None]
+    if x.is_contiguous():  # rows of E elements
+        row = ((b * Hkv + heads) * x.shape[2] + pos).flatten()
+        return x.view(-1, E).index_select(0, row).view(n, Hkv, -1, E)
+    return x[b, heads, pos]
 
 
 def _allowed(call: AttentionCall, sel: torch.Tensor | None, blocks: torch.Tensor,
