@@ -133,6 +133,30 @@ def with_batched_rows(rows: int, fn: Callable[[], object]) -> Callable[[], objec
     return run
 
 
+def torch_chunk_runs(B: int, L: int, lq: int, rng: np.random.Generator
+                     ) -> dict[str, Callable[[], object]]:
+    """B sequences of ``lq`` new queries each (chunked prefill, speculative decode) over a paged
+    cache of L keys on the torch backend: per sequence against batched."""
+    import torch
+
+    cache = PagedKVCache(B * (-(-L // 256) + 1), 256, HKV, D, block_size=OPTS["block_size"],
+                         library="torch")
+    seqs = [cache.add_sequence() for _ in range(B)]
+    for s in seqs:
+        cache.append(s, torch.from_numpy(rng.standard_normal((HKV, L, D), np.float32)),
+                     torch.from_numpy(rng.standard_normal((HKV, L, D), np.float32)))
+    q = torch.from_numpy(rng.standard_normal((1, H, B * lq, D), np.float32))
+    cu = torch.arange(0, B * lq + 1, lq, dtype=torch.int32)
+    paged = cache.attention_args(seqs)
+
+    def run() -> object:
+        return dshal.ops.sparse_attention(q, cache.k_pages, cache.v_pages, cu_seqlens_q=cu,
+                                          **paged, backend="torch", **OPTS)
+
+    return {"dshal torch, per sequence": with_batched_rows(0, run),
+            "dshal torch, batched": with_batched_rows(lq, run)}
+
+
 def torch_prefill_runs(lengths: list[int], rng: np.random.Generator
                        ) -> dict[str, Callable[[], object]]:
     """A varlen prefill on the torch backend: per sequence against the batched path forced
@@ -197,12 +221,22 @@ def main() -> None:
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--torch", action="store_true",
                     help="only the torch backend: decode and prefill, per sequence and batched")
+    ap.add_argument("--torch-chunks", action="store_true",
+                    help="only the torch backend at 1-128 queries per sequence (B=8, cache "
+                         "8192): where batching stops paying")
     args = ap.parse_args()
     import torch
 
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}; options {OPTS}, Hq={H}, Hkv={HKV}, "
           f"D={D}, float32, best of {args.repeat}")
+    if args.torch_chunks:
+        for lq in (2, 3) if args.tiny else (1, 16, 64, 128):
+            best = best_of(torch_chunk_runs(2 if args.tiny else 8, 512 if args.tiny else 8192,
+                                            lq, rng), args.repeat)
+            print(table(f"torch backend, {lq} queries per sequence", best,
+                        "dshal torch, per sequence"), "\n")
+        return
     if args.torch:
         for B in (2, 3) if args.tiny else (8, 32):
             L = 512 if args.tiny else 8192
