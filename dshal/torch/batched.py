@@ -44,10 +44,12 @@ _BUDGET = 1 << 24
 class Rows:
     """The results of the served query rows: ``out`` [m, Hq, Dv] (compute dtype), ``lse``
     [m, Hq] and the selection ``indices`` [m, Hkv, width] (or None) of rows
-    ``(b[r], :, q[r])`` of the call's layout (int64 host arrays [m])."""
+    ``(b[r], :, q[r])`` of the call's layout (int64 host arrays [m]). With ``b`` and ``q``
+    None the rows are the call's whole layout, as it holds them: out [B, Hq, Lq, Dv], lse
+    [B, Hq, Lq], indices [B, Hkv, Lq, width] (a batch of decode steps: nothing to scatter)."""
 
-    b: np.ndarray
-    q: np.ndarray
+    b: np.ndarray | None
+    q: np.ndarray | None
     out: torch.Tensor
     lse: torch.Tensor
     indices: torch.Tensor | None
@@ -99,16 +101,20 @@ def _attend(call: AttentionCall, seqs: SeqArrays) -> Rows:
     pos = rows[None, :] + (seqs.lk - seqs.lq)[:, None]  # [n, lqm]: key position of each row
     qb = np.broadcast_to(seqs.b[:, None], (n, lqm))
     geo = Geometry(n, Hq, Hkv, lqm, nbm * bs, D, Dv, bs, call.window, call.causal, call.scale)
-    qg = q[_dev(qb, dev), :, _dev(qrow, dev)].to(cdt).permute(0, 2, 1, 3)  # [n, Hq, lqm, D]
+    whole = n == q.shape[0] and lqm == q.shape[2] and bool(real.all()) and \
+        bool((seqs.b == np.arange(n)).all())  # rows = the call's layout [B, Hq, Lq]
+    qg = q.to(cdt) if whole else \
+        q[_dev(qb, dev), :, _dev(qrow, dev)].to(cdt).permute(0, 2, 1, 3)  # [n, Hq, lqm, D]
     sel = _selection(call, seqs, qg, geo, qb, qrow, pos, real)
     W = _width(call, seqs)
     blocks = _blocks(call, seqs, sel, pos, real, W, dev)  # [n, Hkv, W], nbm = none
-    keep, m = _dev(real, dev), int(real.sum())
-    indices = None if sel is None else \
-        attention.mask_to_indices(sel).permute(0, 2, 1, 3)[keep]  # [m, Hkv, width]
+    rows_of = _RowsOf(None if whole else _dev(real, dev))
+    indices = None if sel is None else rows_of(attention.mask_to_indices(sel))
     if W == 0 or nbm == 0:  # no keys anywhere: nothing allowed
-        return Rows(qb[real], qrow[real], torch.zeros(m, Hq, Dv, dtype=cdt, device=dev),
-                    torch.full((m, Hq), -math.inf, dtype=torch.float32, device=dev), indices)
+        return Rows(*rows_of.where(qb, qrow, real),
+                    rows_of(torch.zeros(n, Hq, lqm, Dv, dtype=cdt, device=dev)),
+                    rows_of(torch.full((n, Hq, lqm), -math.inf, dtype=torch.float32,
+                                       device=dev)), indices)
     j = blocks[..., None] * bs + torch.arange(bs, device=dev)  # [n, Hkv, W, bs]
     present = j < _dev(seqs.lk, dev)[:, None, None, None]  # padding blocks lie past lk too
     j, present = j.flatten(-2), present.flatten(-2)  # [n, Hkv, N]
@@ -122,9 +128,24 @@ def _attend(call: AttentionCall, seqs: SeqArrays) -> Rows:
     p, lse = attention._softmax(qr, kg, tile, geo)
     bad = None if lqm == 1 else attention._bad_rows(vg)  # one row: vg is 0 where not seen
     o = attention._safe_mm(p, vg, bad, tile, geo)  # [n, Hkv, g * lqm, Dv]
-    o = o.reshape(n, Hq, lqm, Dv).permute(0, 2, 1, 3)[keep]
-    lse = lse.reshape(n, Hq, lqm).permute(0, 2, 1)[keep].to(torch.float32)
-    return Rows(qb[real], qrow[real], o, lse, indices)
+    return Rows(*rows_of.where(qb, qrow, real), rows_of(o.reshape(n, Hq, lqm, Dv)),
+                rows_of(lse.reshape(n, Hq, lqm).to(torch.float32)), indices)
+
+
+class _RowsOf:
+    """Cuts the real rows out of [n, H, lqm, ...] results as [m, H, ...] (``keep``: bool
+    [n, lqm]), or with ``keep`` None leaves them in the call's layout."""
+
+    def __init__(self, keep: torch.Tensor | None) -> None:
+        self.keep = keep
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.keep is None else x.transpose(1, 2)[self.keep]
+
+    def where(self, qb: np.ndarray, qrow: np.ndarray, real: np.ndarray
+              ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The destinations ``(b, q)`` of the cut rows (None, None in the call's layout)."""
+        return (None, None) if self.keep is None else (qb[real], qrow[real])
 
 
 def _dev(x: np.ndarray, dev: torch.device) -> torch.Tensor:

@@ -64,11 +64,15 @@ def sparse_attention_forms(call: AttentionCall) -> tuple[Any, Any, Any]:
     q, k, v = call.q, call.k, call.v
     B, Hq, Lq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
-    out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
     seqs = seq_arrays(call)
     short = (seqs.lq > 0) & (seqs.lq <= BATCHED_ROWS)
     served = batched.attend(call, seqs.subset(short))
+    if len(served) == 1 and served[0].b is None:  # a batch of decode steps, as laid out
+        rows = served[0]
+        return rows.out.to(q.dtype), rows.indices if call.return_indices else None, \
+            rows.lse if call.return_lse else None
+    out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
     for rows in served:
         b, i = (torch.from_numpy(x).to(q.device) for x in (rows.b, rows.q))
         out[b, :, i] = rows.out.to(q.dtype)
