@@ -222,16 +222,19 @@ def main() -> None:
     ap.add_argument("--torch", action="store_true",
                     help="only the torch backend: decode and prefill, per sequence and batched")
     ap.add_argument("--torch-chunks", action="store_true",
-                    help="only the torch backend at 1-128 queries per sequence (B=8, cache "
+                    help="only the torch backend at 1-64 queries per sequence (B=8, cache "
                          "8192): where batching stops paying")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}; options {OPTS}, Hq={H}, Hkv={HKV}, "
           f"D={D}, float32, best of {args.repeat}")
     if args.torch_chunks:
-        for lq in (2, 3) if args.tiny else (1, 16, 64, 128):
+        for lq in (2, 3) if args.tiny else (1, 8, 16, 64):
             best = best_of(torch_chunk_runs(2 if args.tiny else 8, 512 if args.tiny else 8192,
                                             lq, rng), args.repeat)
             print(table(f"torch backend, {lq} queries per sequence", best,

@@ -106,8 +106,8 @@ def _attend(call: AttentionCall, seqs: SeqArrays) -> Rows:
     qg = q.to(cdt) if whole else \
         q[_dev(qb, dev), :, _dev(qrow, dev)].to(cdt).permute(0, 2, 1, 3)  # [n, Hq, lqm, D]
     sel = _selection(call, seqs, qg, geo, qb, qrow, pos, real)
-    W = _width(call, seqs)
-    blocks = _blocks(call, seqs, sel, pos, real, W, dev)  # [n, Hkv, W], nbm = none
+    blocks = _blocks(call, seqs, sel, pos, real, _width(call, seqs), dev)  # nbm = none
+    W = blocks.shape[-1]
     rows_of = _RowsOf(None if whole else _dev(real, dev))
     indices = None if sel is None else rows_of(attention.mask_to_indices(sel))
     if W == 0 or nbm == 0:  # no keys anywhere: nothing allowed
@@ -237,9 +237,10 @@ def _columns(table: np.ndarray, width: int) -> np.ndarray:
 
 def _blocks(call: AttentionCall, seqs: SeqArrays, sel: torch.Tensor | None, pos: np.ndarray,
             real: np.ndarray, W: int, dev: torch.device) -> torch.Tensor:
-    """int64 [n, Hkv, W]: the blocks each (sequence, kv head) gathers, ascending, padded with
+    """int64 [n, Hkv, W']: the blocks each (sequence, kv head) gathers, ascending, padded with
     nbm: those any of its rows selected and those its window (or, dense, its visible keys)
-    touches."""
+    touches. W' is the bound ``W`` for one row per sequence (decode: no device sync), else the
+    widest union (rows of a sequence mostly select the same blocks)."""
     bs, w, n = call.block_size, call.window, seqs.lq.size
     Hkv = call.k.shape[1]
     nb = -(-seqs.lk // bs)
@@ -258,6 +259,8 @@ def _blocks(call: AttentionCall, seqs: SeqArrays, sel: torch.Tensor | None, pos:
             used = used | sel.any(dim=2)
     else:
         used = sel.any(dim=2)
+    if W > 0 and pos.shape[1] > 1:  # rows of a sequence share blocks: the exact width (a sync)
+        W = min(W, int(used.sum(dim=-1).max()))
     cols = torch.where(used, torch.arange(nbm, device=dev), nbm)
     return torch.sort(cols, dim=-1).values[..., :W]
 

@@ -54,9 +54,11 @@ _LIB = "dshal"
 #: the longest query run (rows per sequence) served by the batched path; longer sequences
 #: (prefill) run one contiguous call each. 0 sends every sequence through the per-sequence
 #: path (how tests and benchmarks compare the two). Measured on CPU (docs/performance.md,
-#: B=8, cache 8192, top_k 16 of 64, window 256): batched is faster up to 64 rows per
-#: sequence, the per-sequence tiles from 128.
-BATCHED_ROWS = 64
+#: B=8, cache 8192, top_k 16 of 64, window 256, one thread): batched is 10x faster at one row
+#: per sequence and about even from 8 to 64 rows (where the rows of a sequence select
+#: different blocks and both paths compute the same scores); the batched path never reads a
+#: whole cache, the per-sequence one gathers each paged sequence's keys.
+BATCHED_ROWS = 16
 
 
 def sparse_attention_forms(call: AttentionCall) -> tuple[Any, Any, Any]:
