@@ -204,3 +204,21 @@ def test_strided_pools_and_packed_rows(monkeypatch):
     want = dshal.ops.sparse_attention(T(qv), T(kv), T(vv), **kwv)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_batches_of_sequences_within_the_budget(monkeypatch):
+    """A score budget smaller than one sequence's serves the sequences in several batches
+    (one each here), with the same results as one batch (up to rounding: a batch pads to its
+    own widest sequence) and the same selection."""
+    from dshal.torch import batched
+
+    r = ragged([1, 3, 0, 2], [30, 0, 17, 64], seed=14, dtype=np.float64)
+    q, k, v = r.packed()
+    kw = dict(cu_seqlens_q=r.cu_q, cu_seqlens_k=r.cu_k, top_k=2, window=4, causal=True,
+              block_size=BS, return_indices=True)
+    whole = _run(q, k, v, True, monkeypatch, **kw)
+    monkeypatch.setattr(batched, "_BUDGET", 1)
+    apart = _run(q, k, v, True, monkeypatch, **kw)
+    np.testing.assert_array_equal(whole[1], apart[1])
+    for a, b in zip(whole, apart):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -11,13 +11,15 @@ layout comes from :func:`dshal.forms.seq_arrays` (host arrays, no loop either):
    candidates, counts and the forced own block per row as in :func:`.attention.select`, ranked
    by :func:`.attention.pick` (the same tie-break). With ``indices``, the caller's blocks.
 3. **Gather**: per (sequence, kv head) the blocks any of its rows selected plus the blocks its
-   window touches, at most a width known from the options (no device sync), read block by
-   block through ``block_table`` (paged) or from the packed / batched rows. Slots past
-   ``seqlens_k`` and padding are set to 0 before any product.
+   window touches (one row per sequence: padded to a width known from the options, no device
+   sync; several: to the widest union), read block by block through ``block_table`` (paged)
+   or from the packed / batched rows, never past a page the sequence owns.
 4. **Attention**: one batched softmax over the gathered keys with the exact allowed mask
-   (:func:`.attention._softmax`), values zeroed where no row of the sequence may see them, and
-   where rows differ the NaN-safe product of :func:`.attention._safe_mm`, so garbage in unused
-   slots or unattended keys never reaches an output.
+   (:func:`.attention._softmax`: slots past ``seqlens_k``, padding and keys a row may not see
+   get -inf before the exponential), values zeroed where no row of the sequence may see them
+   before the product, and where rows differ the NaN-safe product of
+   :func:`.attention._safe_mm`, so garbage in unused slots or unattended keys never reaches an
+   output.
 
 The reads per (sequence, kv head): the selected blocks and the window's, plus the summaries of
 its blocks; the cache length enters only through the summaries (with ``block_keys``).
@@ -57,12 +59,15 @@ class Rows:
 
 def attend(call: AttentionCall, seqs: SeqArrays) -> list[Rows]:
     """Every query row of ``seqs`` (sequences with at least one query), in batches of
-    sequences whose score matrices fit :data:`_BUDGET` (one batch for a decode step)."""
+    sequences whose score matrices (and keys read for block means) fit :data:`_BUDGET` (one
+    batch for a decode step)."""
     q = call.q
     Hq, Hkv = q.shape[1], call.k.shape[1]
     if seqs.lq.size == 0 or Hkv == 0:
         return []
     per_seq = Hq * int(seqs.lq.max()) * max(1, _width(call, seqs)) * call.block_size
+    if call.top_k is not None and call.block_keys is None:  # block means read every key
+        per_seq = max(per_seq, Hkv * int(seqs.lk.max()) * q.shape[3])
     step = max(1, _BUDGET // max(1, per_seq))
     return [_attend(call, seqs.subset(np.arange(seqs.lq.size)[s:s + step]))
             for s in range(0, seqs.lq.size, step)]
