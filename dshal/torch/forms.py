@@ -56,8 +56,8 @@ _LIB = "dshal"
 #: path (how tests and benchmarks compare the two). Measured on CPU (docs/performance.md,
 #: B=8, cache 8192, top_k 16 of 64, window 256, one thread): batched is 10x faster at one row
 #: per sequence and about even from 8 to 64 rows (where the rows of a sequence select
-#: different blocks and both paths compute the same scores); the batched path never reads a
-#: whole cache, the per-sequence one gathers each paged sequence's keys.
+#: different blocks and both paths compute the same scores); with block_keys the batched path
+#: never reads a whole cache, the per-sequence one gathers each paged sequence's keys.
 BATCHED_ROWS = 16
 
 
