@@ -122,6 +122,16 @@ def test_kernel_argument_checks() -> None:
     with pytest.raises(ValueError, match="isa 7"):
         lib.attention_backward(f, k, k, lse, lse, f, None, None, f, k, k, 0, 5, 1, 0, False,
                                1.0, 7)
+    # the forward: o [g, n, Dv], m and l [g, n], selected uint8 [n, n_blocks]
+    o, m = np.zeros((2, 4, 3), np.float32), np.zeros((2, 4), np.float32)
+    sel = np.zeros((4, 5), np.uint8)
+    lib.attention_forward(f, k, k, sel, o, m, m.copy(), 1, 1, 0, True, 1.0)
+    with pytest.raises(ValueError, match="disagree"):  # 5 keys in blocks of 2 are 3 blocks
+        lib.attention_forward(f, k, k, sel, o, m, m.copy(), 1, 2, 0, True, 1.0)
+    with pytest.raises(ValueError, match="1-byte items"):
+        lib.attention_forward(f, k, k, sel.astype(np.int64), o, m, m.copy(), 1, 1, 0, True, 1.0)
+    with pytest.raises(ValueError, match="isa 7"):
+        lib.attention_forward(f, k, k, None, o, m, m.copy(), 1, 1, 0, True, 1.0, 7)
 
 
 def test_every_build_of_the_tiles_agrees_and_the_status_names_the_one_that_runs() -> None:

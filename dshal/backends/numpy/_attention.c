@@ -281,15 +281,6 @@ typedef struct {
 #define TQ 4
 #define TR 4
 #include "_attention_tiles.h"
-static const tiling TILING_base = {VW, TM, TJ, TQ, TD};
-#undef ISA_NAME
-#undef ISA_ATTR
-#undef VW
-#undef TM
-#undef TJ
-#undef TD
-#undef TQ
-#undef TR
 
 #if X86_BUILDS
 #define ISA_NAME(x) x##_avx2
@@ -301,15 +292,6 @@ static const tiling TILING_base = {VW, TM, TJ, TQ, TD};
 #define TQ 4
 #define TR 4
 #include "_attention_tiles.h"
-static const tiling TILING_avx2 = {VW, TM, TJ, TQ, TD};
-#undef ISA_NAME
-#undef ISA_ATTR
-#undef VW
-#undef TM
-#undef TJ
-#undef TD
-#undef TQ
-#undef TR
 
 #define ISA_NAME(x) x##_avx512
 #define ISA_ATTR __attribute__((target("avx512f,avx512vl,fma")))
@@ -320,15 +302,6 @@ static const tiling TILING_avx2 = {VW, TM, TJ, TQ, TD};
 #define TQ 8
 #define TR 8
 #include "_attention_tiles.h"
-static const tiling TILING_avx512 = {VW, TM, TJ, TQ, TD};
-#undef ISA_NAME
-#undef ISA_ATTR
-#undef VW
-#undef TM
-#undef TJ
-#undef TD
-#undef TQ
-#undef TR
 #endif
 
 /* The builds this CPU runs, best last. */
@@ -352,11 +325,11 @@ static int best_isa(void) {
 
 static tiling tiling_of(int isa) {
 #if X86_BUILDS
-    if (isa == ISA_AVX512) return TILING_avx512;
-    if (isa == ISA_AVX2) return TILING_avx2;
+    if (isa == ISA_AVX512) return tiling_avx512;
+    if (isa == ISA_AVX2) return tiling_avx2;
 #endif
     (void)isa;
-    return TILING_base;
+    return tiling_base;
 }
 
 static void run_isa(int isa, const problem *a, Py_ssize_t b0, Py_ssize_t b1,
@@ -426,6 +399,23 @@ static int run_problem(problem *a, Py_ssize_t b0, Py_ssize_t b1, int isa, int fo
 
 /* ---- the module ---------------------------------------------------------------------- */
 
+/* The n array arguments o[]: C-contiguous, ndims[i]-D, of float32 items or (index `wide`)
+ * `wide_size`-byte ones; from `first_out` on writable; None allowed where bit i of `optional`
+ * is set. Fills views, shapes and held (1 = a view to release). 0, or -1 with the error set. */
+static int hold_buffers(PyObject *const *o, int n, const char *const *names, const int *ndims,
+                        int wide, Py_ssize_t wide_size, int first_out, unsigned optional,
+                        Py_buffer *views, Py_ssize_t (*shapes)[3], int *held) {
+    for (int i = 0; i < n; i++) {
+        if (o[i] == Py_None && (optional >> i & 1u)) continue;
+        if (get_buffer(o[i], &views[i], ndims[i], i == wide ? wide_size : 4, i >= first_out,
+                       names[i]) < 0)
+            return -1;
+        held[i] = 1;
+        for (int d = 0; d < ndims[i]; d++) shapes[i][d] = views[i].shape[d];
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(attention_backward_doc,
 "attention_backward(q, k, v, lse, delta, grad_out, grad_lse, indices, dq, dk, dv, b0, b1,\n"
 "                   block_size, window, causal, scale, isa=-1) -> None\n\n"
@@ -454,13 +444,9 @@ static PyObject *attention_backward(PyObject *self, PyObject *args) {
     Py_ssize_t shapes[NARR][3];
     int held[NARR] = {0};
     PyObject *result = NULL;
-    for (int n = 0; n < NARR; n++) {
-        if (o[n] == Py_None && (n == GLSE || n == IDX)) continue;
-        if (get_buffer(o[n], &views[n], ndims[n], n == IDX ? 8 : 4, n >= OUT0, names[n]) < 0)
-            goto done;
-        held[n] = 1;
-        for (int d = 0; d < ndims[n]; d++) shapes[n][d] = views[n].shape[d];
-    }
+    if (hold_buffers(o, NARR, names, ndims, IDX, 8, OUT0, 1u << GLSE | 1u << IDX, views, shapes,
+                     held) < 0)
+        goto done;
     problem a = {0};
     a.g = shapes[0][0], a.Lq = shapes[0][1], a.D = shapes[0][2];
     a.Lk = shapes[1][0], a.Dv = shapes[2][1];
@@ -521,13 +507,8 @@ static PyObject *attention_forward(PyObject *self, PyObject *args) {
     Py_ssize_t shapes[NARR][3];
     int held[NARR] = {0};
     PyObject *result = NULL;
-    for (int n = 0; n < NARR; n++) {
-        if (o[n] == Py_None && n == SEL) continue;
-        if (get_buffer(o[n], &views[n], ndims[n], n == SEL ? 1 : 4, n >= OUT0, names[n]) < 0)
-            goto done;
-        held[n] = 1;
-        for (int d = 0; d < ndims[n]; d++) shapes[n][d] = views[n].shape[d];
-    }
+    if (hold_buffers(o, NARR, names, ndims, SEL, 1, OUT0, 1u << SEL, views, shapes, held) < 0)
+        goto done;
     problem a = {0};
     a.g = shapes[0][0], a.Lq = shapes[0][1], a.D = shapes[0][2];
     a.Lk = shapes[1][0], a.Dv = shapes[2][1];

@@ -6,6 +6,8 @@
  *   TM, TJ       row and vector tile of the score products (TM x TJ accumulators)
  *   TD           vectors of a head dimension per tile (the dims are padded to TD * VW)
  *   TQ, TR       row tile of dq, key tile of dk and dv (TQ x TD, TR x TD accumulators)
+ * and gets back ISA_NAME(tiling) (these sizes) and ISA_NAME(walk_blocks); the parameters are
+ * undefined at the end, ready for the next build.
  *
  * Layouts (floats, padded with zeros): a block's keys Kp [Np][Dp], values Vp [Np][Dvp] and
  * their transposes KT [Dp][Np], VT [Dvp][Np]; a batch's query rows Qb [Mp][Dp] and grad_out
@@ -236,6 +238,16 @@ ISA_ATTR static void ISA_NAME(walk_blocks)(const problem *a, Py_ssize_t b0, Py_s
     }
 }
 
+static const tiling ISA_NAME(tiling) = {VW, TM, TJ, TQ, TD};
+
 #undef VF
 #undef LD
 #undef ST
+#undef ISA_NAME
+#undef ISA_ATTR
+#undef VW
+#undef TM
+#undef TJ
+#undef TD
+#undef TQ
+#undef TR
