@@ -24,8 +24,8 @@ BACKENDS := backends/opencl backends/torch backends/ascend backends/cupy backend
 	backends/rocm backends/triton
 
 $(STAMP): pyproject.toml setup.py dshal/backends/numpy/_native.c \
-		dshal/backends/numpy/_backward.c dshal/backends/numpy/_exp2.h \
-		dshal/backends/numpy/_buffer.h \
+		dshal/backends/numpy/_attention.c dshal/backends/numpy/_exp2.h \
+		dshal/backends/numpy/_buffer.h dshal/backends/numpy/_attention_tiles.h \
 		dshal/backends/numpy/_decode.c requirements-dev.txt \
 		$(addsuffix /pyproject.toml,$(BACKENDS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

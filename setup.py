@@ -6,10 +6,11 @@ the same arithmetic in numpy passes (bitwise the same results, slower; ``dshal i
 which). ``-ffp-contract=off`` keeps every multiply and add rounded on its own, as numpy does;
 ``-fno-trapping-math`` lets the clipping compares vectorise (it changes no result).
 
-``dshal.backends.numpy._backward`` is the numpy backend's compiled backward of sparse_attention
-(optional too: without it the backward runs on another backend that declares it). It owes no
-bitwise agreement to a numpy pass, so it contracts multiply-adds into FMAs, and
-``-fopenmp-simd`` vectorises its dot products (OpenMP SIMD pragmas only: no runtime).
+``dshal.backends.numpy._attention`` is the numpy backend's compiled float32 attention, forward
+and backward of sparse_attention (optional too: without it the forward runs in numpy passes and
+the backward on another backend that declares it). It owes no bitwise agreement to a numpy
+pass, so it contracts multiply-adds into FMAs, and ``-fopenmp-simd`` vectorises its loops
+(OpenMP SIMD pragmas only: no runtime).
 """
 
 import sys
@@ -25,8 +26,9 @@ buffers = ["dshal/backends/numpy/_buffer.h"]
 setup(ext_modules=[
     Extension("dshal.backends.numpy._native", ["dshal/backends/numpy/_native.c"],
               depends=exp2, extra_compile_args=flags, optional=True),
-    Extension("dshal.backends.numpy._backward", ["dshal/backends/numpy/_backward.c"],
-              depends=exp2 + buffers, extra_compile_args=backward_flags, optional=True),
+    Extension("dshal.backends.numpy._attention", ["dshal/backends/numpy/_attention.c"],
+              depends=exp2 + buffers + ["dshal/backends/numpy/_attention_tiles.h"],
+              extra_compile_args=backward_flags, optional=True),
     # the fused decode of the serving forms (dshal/backends/numpy/decode.py)
     Extension("dshal.backends.numpy._decode", ["dshal/backends/numpy/_decode.c"],
               depends=buffers, extra_compile_args=flags, optional=True),

@@ -43,23 +43,30 @@ def inputs(L: int, H: int, Hkv: int, D: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, grad
 
 
+def forward_of(kind: str, leaves: list[torch.Tensor], top_k: int, block: int, window: int
+               ) -> Callable[[], torch.Tensor]:
+    """The forward of ``kind`` ("dshal": sparse attention, "sdpa": dense causal SDPA) on the
+    leaf tensors q, k, v (so that its output's backward fills their grads)."""
+    import dshal
+
+    if kind == "dshal":
+        return lambda: dshal.ops.sparse_attention(*leaves, top_k=top_k, block_size=block,
+                                                  window=window, causal=True)
+    if kind == "sdpa":
+        return lambda: torch.nn.functional.scaled_dot_product_attention(
+            *leaves, is_causal=True, enable_gqa=True)
+    raise ValueError(f"kind must be 'dshal' or 'sdpa', not {kind!r}")
+
+
 def runner(kind: str, args: argparse.Namespace, tensors: tuple[torch.Tensor, ...]
            ) -> Callable[[], tuple[float, float]]:
     """A function running one forward + backward, returning (forward s, backward s)."""
-    import dshal
-
     q, k, v, grad = tensors
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    if kind == "dshal":
-        def forward() -> torch.Tensor:
-            return dshal.ops.sparse_attention(*leaves, top_k=args.top_k, block_size=args.block,
-                                              window=args.window, causal=True)
-    elif kind == "sdpa":
-        def forward() -> torch.Tensor:
-            return torch.nn.functional.scaled_dot_product_attention(
-                *leaves, is_causal=True, enable_gqa=True)
-    else:
+    if kind == "flex":
         forward = _flex(args, leaves)
+    else:
+        forward = forward_of(kind, leaves, args.top_k, args.block, args.window)
 
     def run() -> tuple[float, float]:
         for x in leaves:

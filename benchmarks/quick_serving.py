@@ -10,7 +10,14 @@ call per sequence. Rows of a table are timed alternately, best of ``--repeat``, 
 pause (idle worker threads of the other library must not be spinning). Public API calls
 (``dshal.ops.sparse_attention``), so the times include validation and dispatch.
 
-    python benchmarks/quick_serving.py [--repeat 3] [--tiny]
+The torch backend (``--torch``): decode on the same cache in torch (``library="torch"``), paged +
+block_keys through ``backend="torch"``, batched (:mod:`dshal.torch.batched`) against the
+per-sequence path (``dshal.torch.forms.BATCHED_ROWS = 0``: one contiguous call per sequence, as
+before the batched path) and SDPA on the same data, B = 8 and 32 at cache 8192; then a short
+varlen prefill, per sequence (the default for sequences longer than ``BATCHED_ROWS``) against
+the batched path forced on every sequence (padded to the longest) and a per-sequence SDPA loop.
+
+    python benchmarks/quick_serving.py [--repeat 3] [--tiny] [--torch]
 """
 
 from __future__ import annotations
@@ -81,6 +88,102 @@ def decode_runs(B: int, L: int, rng: np.random.Generator) -> dict[str, Callable[
     }
 
 
+def torch_decode_runs(B: int, L: int, rng: np.random.Generator
+                      ) -> dict[str, Callable[[], object]]:
+    """The torch backend's paged decode, per-sequence and batched, against SDPA."""
+    import torch
+
+
+    cache = PagedKVCache(B * (-(-L // 256) + 1), 256, HKV, D, block_size=OPTS["block_size"],
+                         library="torch")
+    seqs = [cache.add_sequence() for _ in range(B)]
+    for s in seqs:  # prompts in chunks, so the pages of the sequences interleave in the pool
+        for a in range(0, L, 4096):
+            n = min(4096, L - a)
+            cache.append(s, torch.from_numpy(rng.standard_normal((HKV, n, D), np.float32)),
+                         torch.from_numpy(rng.standard_normal((HKV, n, D), np.float32)))
+    q = torch.from_numpy(rng.standard_normal((B, H, 1, D), dtype=np.float32))
+    paged = cache.attention_args(seqs)
+    k = torch.stack([cache.contiguous(s)[0] for s in seqs])
+    v = torch.stack([cache.contiguous(s)[1] for s in seqs])
+
+    def run() -> object:
+        return dshal.ops.sparse_attention(q, cache.k_pages, cache.v_pages, **paged,
+                                          backend="torch", **OPTS)
+
+    return {
+        "torch SDPA (dense decode)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True),
+        "dshal torch, per-sequence loop (before)": with_batched_rows(0, run),
+        "dshal torch, batched (after)": run,
+    }
+
+
+def with_batched_rows(rows: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``dshal.torch.forms.BATCHED_ROWS = rows`` (restored after)."""
+    from dshal.torch import forms as torch_forms
+
+    def run() -> object:
+        default, torch_forms.BATCHED_ROWS = torch_forms.BATCHED_ROWS, rows
+        try:
+            return fn()
+        finally:
+            torch_forms.BATCHED_ROWS = default
+
+    return run
+
+
+def torch_chunk_runs(B: int, L: int, lq: int, rng: np.random.Generator
+                     ) -> dict[str, Callable[[], object]]:
+    """B sequences of ``lq`` new queries each (chunked prefill, speculative decode) over a paged
+    cache of L keys on the torch backend: per sequence against batched."""
+    import torch
+
+    cache = PagedKVCache(B * (-(-L // 256) + 1), 256, HKV, D, block_size=OPTS["block_size"],
+                         library="torch")
+    seqs = [cache.add_sequence() for _ in range(B)]
+    for s in seqs:
+        cache.append(s, torch.from_numpy(rng.standard_normal((HKV, L, D), np.float32)),
+                     torch.from_numpy(rng.standard_normal((HKV, L, D), np.float32)))
+    q = torch.from_numpy(rng.standard_normal((1, H, B * lq, D), np.float32))
+    cu = torch.arange(0, B * lq + 1, lq, dtype=torch.int32)
+    paged = cache.attention_args(seqs)
+
+    def run() -> object:
+        return dshal.ops.sparse_attention(q, cache.k_pages, cache.v_pages, cu_seqlens_q=cu,
+                                          **paged, backend="torch", **OPTS)
+
+    return {"dshal torch, per sequence": with_batched_rows(0, run),
+            "dshal torch, batched": with_batched_rows(lq, run)}
+
+
+def torch_prefill_runs(lengths: list[int], rng: np.random.Generator
+                       ) -> dict[str, Callable[[], object]]:
+    """A varlen prefill on the torch backend: per sequence against the batched path forced
+    on every sequence, and a per-sequence SDPA loop."""
+    import torch
+
+    T = sum(lengths)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, h, T, D), np.float32))
+               for h in (H, HKV, HKV))
+    cu = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def loop() -> None:
+        for a, z in itertools.pairwise(cu.tolist()):
+            sdpa(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], is_causal=True, enable_gqa=True)
+
+    def run() -> object:
+        return dshal.ops.sparse_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          backend="torch", **OPTS)
+
+    return {
+        "torch SDPA per-sequence loop": loop,
+        "dshal torch varlen, per sequence (default)": run,
+        "dshal torch varlen, batched (padded)": with_batched_rows(max(lengths), run),
+    }
+
+
 def prefill_runs(lengths: list[int], rng: np.random.Generator
                  ) -> dict[str, Callable[[], object]]:
     import torch
@@ -116,12 +219,38 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (the smoke test)")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--torch", action="store_true",
+                    help="only the torch backend: decode and prefill, per sequence and batched")
+    ap.add_argument("--torch-chunks", action="store_true",
+                    help="only the torch backend at 1-64 queries per sequence (B=8, cache "
+                         "8192): where batching stops paying")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}; options {OPTS}, Hq={H}, Hkv={HKV}, "
           f"D={D}, float32, best of {args.repeat}")
+    if args.torch_chunks:
+        for lq in (2, 3) if args.tiny else (1, 8, 16, 64):
+            best = best_of(torch_chunk_runs(2 if args.tiny else 8, 512 if args.tiny else 8192,
+                                            lq, rng), args.repeat)
+            print(table(f"torch backend, {lq} queries per sequence", best,
+                        "dshal torch, per sequence"), "\n")
+        return
+    if args.torch:
+        for B in (2, 3) if args.tiny else (8, 32):
+            L = 512 if args.tiny else 8192
+            best = best_of(torch_decode_runs(B, L, rng), args.repeat)
+            print(table(f"torch backend decode B={B} cache {L}", best,
+                        "torch SDPA (dense decode)"), "\n")
+        lengths = [40, 17, 9] if args.tiny else [1024, 768, 640, 512, 384, 320, 256, 192]
+        best = best_of(torch_prefill_runs(lengths, rng), args.repeat)
+        print(table(f"torch backend varlen prefill {len(lengths)} sequences {lengths} (total "
+                    f"{sum(lengths)})", best, "torch SDPA per-sequence loop"))
+        return
     decode = [(2, 512), (1, 1024)] if args.tiny else \
         [(8, 8192), (8, 32768), (1, 8192), (1, 32768), (1, 131072)]
     for B, L in decode:

@@ -14,6 +14,10 @@ exactly and requires it bit for bit:
   output must be the exact integer product rounded once to float32 (DESIGN 3.2).
 - ``topk-ties``: every key block a copy of the first, so all block scores tie exactly: the
   returned selection must be the reference's (ties to the lower block index).
+- ``forms-topk-ties``: the same in the 3.1a forms (:mod:`.forms`; decode and short queries take
+  the batched paths of serving backends): paged decode and varlen calls whose block_keys rows
+  are equal, one NaN and one inf row among them (non-finite scores rank last); queries and
+  summaries are small integers, so every score is exact in any summation order.
 - ``keep-ties``: all gate logits equal: ``keep`` must open the lowest channel indices.
 
 Quantisation ties (values exactly halfway between two codes at a power-of-two scale) are
@@ -28,6 +32,7 @@ import numpy as np
 
 from dshal import reference
 from dshal.dtypes import numpy_dtype
+from dshal_conformance import forms
 from dshal_conformance.cases import Case
 from dshal_conformance.data import Call, _cast
 
@@ -55,6 +60,15 @@ def cases() -> list[Case]:
                                   "Hkv": 2, "Lq": 80, "Lk": 128, "D": 16,
                                   "opts": {"top_k": 2, "block_size": 16, "causal": True,
                                            "return_indices": True}}))
+    for dtype in ("float32", "bfloat16", "float16"):
+        for form, lq in (("paged", [1] * 6), ("varlen", [1, 3, 0, 2, 1, 16])):
+            out.append(Case(
+                f"sparse_attention/{form}-topk-exact-ties/{dtype}", "sparse_attention", dtype,
+                "fixed", {"rule": "forms-topk-ties", "form": form, "dtype": dtype, "Hq": 4,
+                          "Hkv": 2, "D": 16, "lq": lq, "lk": [100, 5, 0, 129, 64, 144],
+                          "page_size": 32, "summaries": "ties", "data": "ties",
+                          "opts": {"top_k": 3, "block_size": 16, "window": 8, "causal": True,
+                                   "return_indices": True}}))
     out.append(Case("gated_channels/keep-exact-ties/float32", "gated_channels", "float32",
                     "fixed", {"rule": "keep-ties", "dtype": "float32", "lead": [5], "C": 24,
                               "opts": {"keep": 7, "return_mask": True}}))
@@ -84,6 +98,8 @@ def build(p: dict[str, Any], rng: np.random.Generator) -> Call:
         b.reshape(-1)[::89] = -128
         a.reshape(-1)[1::97] = -128
         return Call((a.astype(np.int8), b.astype(np.int8)), {})
+    if rule == "forms-topk-ties":
+        return forms.build(p, rng)
     if rule == "keep-ties":
         x = rng.standard_normal((*p["lead"], p["C"]))
         logits = np.full((p["C"],), 0.75)
@@ -142,6 +158,13 @@ def problems(p: dict[str, Any], call: Call, result: Any) -> list[str]:
                                  "keep with tied logits must open the lowest channel indices")
     q, k, v = call.args
     o = call.kwargs
+    if rule == "forms-topk-ties":
+        given = {n: x for n, x in o.items() if not n.startswith("return_")}
+        want = reference.sparse_attention(q, k, v, **given)[1]
+        return _first_difference(result[1], want.astype(np.float64),
+                                 "exactly tied (and non-finite) block scores of a varlen or "
+                                 "paged call must select as the reference: ties to the lower "
+                                 "block index, non-finite scores last")
     if rule == "round-output":
         ref = reference.sparse_attention(q, k, v, window=o["window"], causal=o["causal"])[0]
         out = result[0] if isinstance(result, tuple) else result

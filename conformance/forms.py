@@ -10,8 +10,11 @@ shorter than a block, queries longer than their cache) laid out in a form:
   (out-of-range page numbers);
 - ``contiguous``: an ordinary batch, for ``block_keys`` alone.
 
-``summaries`` adds ``block_keys``: ``means`` (the block means, as a serving cache keeps them) or
-``random`` (summaries that disagree with the means: the selection must follow them).
+``summaries`` adds ``block_keys``: ``means`` (the block means, as a serving cache keeps them),
+``random`` (summaries that disagree with the means: the selection must follow them) or ``ties``
+(one row repeated, with a NaN and an inf row: exact ties, judged exactly by
+:mod:`.exact`'s ``forms-topk-ties``); ``data="ties"`` makes every key block a copy of its
+sequence's first (the block means tie exactly).
 
 A result is judged sequence by sequence: each sequence's rows, keys (gathered from its pages)
 and summaries form a contiguous call, whose reference and bound terms
@@ -119,8 +122,12 @@ def build(p: dict[str, Any], rng: np.random.Generator) -> data.Call:
     qs = [cast(rng.standard_normal((Hq, n, D)), dtype) for n in p["lq"]]
     ks = [cast(rng.standard_normal((Hkv, n, D)), dtype) for n in p["lk"]]
     vs = [cast(rng.standard_normal((Hkv, n, Dv)), dtype) for n in p["lk"]]
+    if p.get("data") == "ties":  # small integers: with integer summaries every score is exact
+        qs = [cast(rng.integers(-3, 4, q.shape).astype(np.float64), dtype) for q in qs]
     bks = None
-    if p.get("summaries") == "means":
+    if p.get("summaries") == "ties":
+        bks = [cast(_tied_summaries(rng, Hkv, -(-k.shape[1] // bs), D), dtype) for k in ks]
+    elif p.get("summaries") == "means":
         bks = [cast(_means(k, bs), dtype) for k in ks]
     elif p.get("summaries") == "random":
         bks = [cast(3 * rng.standard_normal((Hkv, -(-k.shape[1] // bs), D)), dtype) for k in ks]
@@ -150,6 +157,15 @@ def build(p: dict[str, Any], rng: np.random.Generator) -> data.Call:
     else:
         q = np.stack(qs)
     return data.Call((q, kp, vp), opts)
+
+
+def _tied_summaries(rng: np.random.Generator, Hkv: int, nb: int, D: int) -> np.ndarray:
+    """[Hkv, nb, D]: one row of small integers repeated (exactly tied scores, exact in any
+    summation order with integer queries), blocks 1 and 2 NaN and +inf (non-finite scores rank
+    after every finite one)."""
+    bk = np.repeat(rng.integers(-3, 4, (Hkv, 1, D)).astype(np.float64), nb, axis=1)
+    bk[:, 1:2], bk[:, 2:3] = np.nan, np.inf
+    return bk
 
 
 def _means(k: np.ndarray, bs: int) -> np.ndarray:

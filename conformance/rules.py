@@ -16,7 +16,8 @@ from dshal_conformance.cases import Case
 from dshal_conformance.data import Call
 
 #: rule -> the module that builds and judges it
-MODULES = {**{r: exact for r in ("round-output", "int8-exact", "topk-ties", "keep-ties")},
+MODULES = {**{r: exact for r in ("round-output", "int8-exact", "topk-ties", "forms-topk-ties",
+                                  "keep-ties")},
            **{r: edges for r in edges.RULES}}
 
 

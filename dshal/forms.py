@@ -17,7 +17,9 @@ Three keyword arguments change how a call's arrays are laid out, and may be comb
 :class:`Forms` ``check`` validates the values (every call). :func:`sequences` then describes
 each sequence of a validated call as a :class:`Seq`, and :func:`seq_keys` /
 :func:`seq_summaries` give its keys, values and summaries as contiguous-form arrays, so the
-reference and the backends' general paths run each sequence as a contiguous call.
+reference and the backends' general paths run each sequence as a contiguous call;
+:func:`seq_arrays` gives the same description as arrays, for batched paths that serve every
+sequence at once.
 """
 
 from __future__ import annotations
@@ -287,31 +289,64 @@ class Seq:
     nb0: int
 
 
-def sequences(call: Any) -> list[Seq]:
-    """Every sequence of a validated :class:`~dshal.calls.AttentionCall` (any form; index
-    arrays are read on the host)."""
+@dataclass(frozen=True)
+class SeqArrays:
+    """Every sequence of a validated call as int64 host arrays [S] (the fields of :class:`Seq`,
+    built without a per-sequence loop) and, when paged, the block table [S, max_pages] and the
+    page size."""
+
+    b: np.ndarray
+    q0: np.ndarray
+    lq: np.ndarray
+    lk: np.ndarray
+    kb: np.ndarray
+    k0: np.ndarray
+    nb0: np.ndarray
+    table: np.ndarray | None
+    page_size: int
+
+    def subset(self, keep: np.ndarray) -> SeqArrays:
+        """The sequences where ``keep`` (bool [S]) holds, in order."""
+        return SeqArrays(self.b[keep], self.q0[keep], self.lq[keep], self.lk[keep],
+                         self.kb[keep], self.k0[keep], self.nb0[keep],
+                         None if self.table is None else self.table[keep], self.page_size)
+
+    def as_list(self) -> list[Seq]:
+        """One :class:`Seq` per sequence."""
+        used = None if self.table is None else ceil_div(self.lk, self.page_size)
+        return [Seq(int(self.b[s]), int(self.q0[s]), int(self.lq[s]), int(self.lk[s]),
+                    int(self.kb[s]), int(self.k0[s]),
+                    None if used is None else self.table[s, :used[s]], int(self.nb0[s]))
+                for s in range(self.lq.size)]
+
+
+def seq_arrays(call: Any) -> SeqArrays:
+    """Every sequence of a validated :class:`~dshal.calls.AttentionCall` (any form) as arrays;
+    index arrays are read on the host."""
     B, _, Lq, _ = arrays.inspect("q", call.q).shape
     Lk = arrays.inspect("k", call.k).shape[2]
-    bs = call.block_size
     if call.cu_seqlens_q is not None:
         cq = host_ints(call.cu_seqlens_q)
-        starts, lqs = cq[:-1], np.diff(cq)
-        rows = np.zeros(starts.size, np.int64)
+        q0, lq = cq[:-1], np.diff(cq)
+        b = np.zeros(lq.size, np.int64)
     else:
-        starts, lqs, rows = np.zeros(B, np.int64), np.full(B, Lq, np.int64), np.arange(B)
+        q0, lq, b = np.zeros(B, np.int64), np.full(B, Lq, np.int64), np.arange(B)
+    zeros = np.zeros(lq.size, np.int64)
     if call.block_table is not None:
-        table, lks = host_ints(call.block_table), host_ints(call.seqlens_k)
-        ps = Lk
-        used = ceil_div(lks, ps)
-        return [Seq(int(rows[s]), int(starts[s]), int(lqs[s]), int(lks[s]), 0, 0,
-                    table[s, :used[s]], 0) for s in range(lqs.size)]
+        return SeqArrays(b, q0, lq, host_ints(call.seqlens_k), zeros, zeros, zeros,
+                         host_ints(call.block_table), Lk)
     if call.cu_seqlens_k is not None:
         ck = host_ints(call.cu_seqlens_k)
-        k0s, lks = ck[:-1], np.diff(ck)
-        nb0 = np.concatenate(([0], np.cumsum(ceil_div(lks, bs))))
-        return [Seq(0, int(starts[s]), int(lqs[s]), int(lks[s]), 0, int(k0s[s]), None,
-                    int(nb0[s])) for s in range(lqs.size)]
-    return [Seq(b, 0, Lq, Lk, b, 0, None, 0) for b in range(B)]
+        lk = np.diff(ck)
+        nb0 = np.concatenate(([0], np.cumsum(ceil_div(lk, call.block_size))))[:-1]
+        return SeqArrays(b, q0, lq, lk, zeros, ck[:-1], nb0.astype(np.int64), None, 0)
+    return SeqArrays(b, q0, lq, np.full(lq.size, Lk, np.int64), b, zeros, zeros, None, 0)
+
+
+def sequences(call: Any) -> list[Seq]:
+    """Every sequence of a validated :class:`~dshal.calls.AttentionCall` (any form; index
+    arrays are read on the host), one :class:`Seq` each."""
+    return seq_arrays(call).as_list()
 
 
 def seq_keys(x: Any, seq: Seq) -> Any:

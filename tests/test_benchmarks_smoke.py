@@ -8,7 +8,8 @@ import pytest
 
 from benchmarks import _harness
 
-MODULES = ["test_attention", "test_gemm", "test_gating", "test_dispatch", "test_opencl"]
+MODULES = ["test_attention", "test_gemm", "test_gating", "test_dispatch", "test_opencl",
+           "test_training"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -45,3 +46,25 @@ def test_quick_serving_runs_at_tiny_sizes() -> None:
                          timeout=600, cwd=root)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("### ") == 3 and "dshal paged + block_keys" in run.stdout
+
+
+def test_quick_serving_torch_tables_at_tiny_sizes() -> None:
+    """``quick_serving.py --torch`` prints the torch backend's decode (per-sequence against
+    batched) and prefill tables, ``--torch-chunks`` its queries-per-sequence tables (toy
+    sizes)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "quick_serving.py"),
+                          "--tiny", "--torch", "--repeat", "1"], capture_output=True, text=True,
+                         timeout=600, cwd=root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("### ") == 3 and "dshal torch, batched (after)" in run.stdout
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "quick_serving.py"),
+                          "--tiny", "--torch-chunks", "--threads", "1", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.startswith("torch threads: 1;") and run.stdout.count("### ") == 2

@@ -25,7 +25,7 @@ from dshal import reference as ref
 from dshal.backends.numpy import attention as attn_mod
 from dshal.backends.numpy import gating as gating_mod
 from dshal.backends.numpy import gemm as gemm_mod
-from dshal.backends.numpy import plugin
+from dshal.backends.numpy import native, plugin
 from dshal.backends.numpy import scratch as scratch_mod
 from dshal.calls import AttentionCall, GatedCall, GemmCall, QuantizeCall
 from dshal.capabilities import FEATURES, BackendSpec, DeviceInfo
@@ -153,9 +153,22 @@ def _qkv(rng, B, Hq, Hkv, Lq, Lk, D, Dv, dtype=np.float32):
 
 SIZES = (1, 3, 17, 97, 129)
 
+#: the ways float32 attention runs: each build of the compiled tiles this CPU runs, and the
+#: numpy passes (the path without the extension, and float64's)
+PATHS = [*(native.ATTENTION.SUPPORTED if native.ATTENTION is not None else ()), "numpy passes"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch) -> str:
+    if request.param == "numpy passes":
+        monkeypatch.setattr(native, "ATTENTION", None)
+    else:
+        monkeypatch.setattr(native, "ATTENTION_ISA", native.ATTENTION.ISAS.index(request.param))
+    return request.param
+
 
 @pytest.mark.parametrize("seed", range(40))
-def test_attention_random_against_reference(seed):
+def test_attention_random_against_reference(seed, path):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         Hkv, g = int(rng.choice([1, 2])), int(rng.choice([1, 2, 8]))
@@ -188,7 +201,7 @@ def test_attention_property(Hkv, g, Lq, Lk, bs, window, causal, top_k, seed):
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
-def test_attention_dtypes_and_noncontiguous(dtype):
+def test_attention_dtypes_and_noncontiguous(dtype, path):
     rng = np.random.default_rng(1)
     q = rng.standard_normal((2, 33, 8, 16)).astype(dtype).transpose(0, 2, 1, 3)  # [2,8,33,16]
     k = rng.standard_normal((2, 16, 50, 2)).astype(dtype).transpose(0, 3, 2, 1)  # [2,2,50,16]
@@ -199,7 +212,7 @@ def test_attention_dtypes_and_noncontiguous(dtype):
         check_attention(q, k, v, **kw)
 
 
-def test_attention_special_cases_equal_dense():
+def test_attention_special_cases_equal_dense(path):
     rng = np.random.default_rng(2)
     q, k, v = _qkv(rng, 1, 4, 2, 40, 40, 16, 8)
     dense_causal = run_attention(q, k, v, causal=True)[0]
@@ -217,7 +230,7 @@ def test_attention_special_cases_equal_dense():
     check_attention(qd, kd, vd, causal=True, top_k=4, block_size=16, window=32)
 
 
-def test_attention_returned_indices_reproduce_output():
+def test_attention_returned_indices_reproduce_output(path):
     rng = np.random.default_rng(3)
     q, k, v = _qkv(rng, 2, 8, 2, 70, 90, 16, 8)
     for kw in (dict(causal=True, window=10), dict(causal=False, window=0)):
@@ -228,7 +241,7 @@ def test_attention_returned_indices_reproduce_output():
         np.testing.assert_array_equal(lse, lse2)
 
 
-def test_attention_empty_rows_and_zero_sizes():
+def test_attention_empty_rows_and_zero_sizes(path):
     rng = np.random.default_rng(4)
     q, k, v = _qkv(rng, 1, 2, 1, 20, 5, 8, 4)  # Lq > Lk causal: the first 15 rows see nothing
     out, _, lse = check_attention(q, k, v, causal=True, top_k=2, block_size=2)
@@ -248,7 +261,7 @@ def test_attention_empty_rows_and_zero_sizes():
                 assert idx.shape == r_idx.shape
 
 
-def test_attention_nan_outside_allowed_never_leaks():
+def test_attention_nan_outside_allowed_never_leaks(path):
     rng = np.random.default_rng(5)
     for trial in range(60):
         Lq, Lk = int(rng.choice([1, 9, 40])), int(rng.choice([9, 40, 97]))
@@ -271,7 +284,7 @@ def test_attention_nan_outside_allowed_never_leaks():
         assert np.isfinite(out[:, :, :8]).all()
 
 
-def test_attention_logits_around_1e4_and_stale_reference():
+def test_attention_logits_around_1e4_and_stale_reference(path):
     """Huge scores and rows whose best key comes late (the lazy rescale must catch up)."""
     rng = np.random.default_rng(6)
     q, k, v = _qkv(rng, 1, 4, 1, 64, 64, 16, 8)
@@ -282,7 +295,7 @@ def test_attention_logits_around_1e4_and_stale_reference():
     check_attention(q * 50, k, v, causal=True, window=9)
 
 
-def test_attention_scores_beyond_float32_shift_resolution_stay_finite():
+def test_attention_scores_beyond_float32_shift_resolution_stay_finite(path):
     """scale=3e9 puts scores near 1e11 (log2 units), where float32 cannot resolve a shift by
     the row's reference: the reference key itself used to come out below 2**-125, leaving rows
     with no mass (NaN). Every layout of the passes must keep them finite and correct."""
@@ -295,7 +308,7 @@ def test_attention_scores_beyond_float32_shift_resolution_stay_finite():
         check_attention(q, k, v, scale=3e9, **kw)
 
 
-def test_attention_threaded_units_match_and_rerun_bitwise(monkeypatch):
+def test_attention_threaded_units_match_and_rerun_bitwise(monkeypatch, path):
     rng = np.random.default_rng(7)
     q, k, v = _qkv(rng, 1, 8, 2, 300, 300, 16, 8)
     kw = dict(top_k=3, block_size=16, window=20, causal=True)

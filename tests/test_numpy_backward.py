@@ -13,12 +13,22 @@ from dshal import ops, reference_backward
 from dshal.backends.numpy import native
 from tests.backward_data import CASES, grads, inputs
 
-pytestmark = pytest.mark.skipif(native.BACKWARD is None, reason=native.BACKWARD_STATUS)
+pytestmark = pytest.mark.skipif(native.ATTENTION is None, reason=native.ATTENTION_STATUS)
+
+
+#: every build of the kernel's tiles this CPU runs (the best runs by default)
+ISAS = native.ATTENTION.SUPPORTED if native.ATTENTION is not None else ()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch) -> str:
+    monkeypatch.setattr(native, "ATTENTION_ISA", native.ATTENTION.ISAS.index(request.param))
+    return request.param
 
 
 @pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_matches_the_float64_reference(case, with_lse) -> None:
+def test_matches_the_float64_reference(case, with_lse, isa) -> None:
     got, ref = grads(case, np.random.default_rng(len(str(case))), "numpy", with_lse=with_lse)
     for name, x, want in zip("qkv", got, (ref.dq, ref.dk, ref.dv)):
         assert x.dtype == np.float32
@@ -26,7 +36,7 @@ def test_matches_the_float64_reference(case, with_lse) -> None:
         assert err <= 2e-5 * max(1.0, np.abs(want).max(initial=0)), (name, err)
 
 
-def test_caller_indices_duplicates_and_unused() -> None:
+def test_caller_indices_duplicates_and_unused(isa) -> None:
     rng = np.random.default_rng(1)
     idx = np.array([[[[3, 3, -1, 0], [-1, -1, -1, -1], [2, 1, 1, -1], [0, 3, 2, 1]]]])
     idx = np.repeat(idx, 5, axis=2)[:, :, :17]
@@ -40,7 +50,7 @@ def test_caller_indices_duplicates_and_unused() -> None:
         np.testing.assert_allclose(x, want, atol=2e-5)
 
 
-def test_nan_outside_the_allowed_set_and_empty_rows() -> None:
+def test_nan_outside_the_allowed_set_and_empty_rows(isa) -> None:
     rng = np.random.default_rng(2)
     q, k, v, out, lse, go, idx = inputs(rng, 1, 4, 2, 24, 96, 8, top_k=1, block_size=16,
                                          causal=True)
@@ -93,21 +103,56 @@ def test_reruns_are_bitwise_equal(monkeypatch) -> None:
         runs.append(ops.sparse_attention_backward(q, k, v, out, lse, go, indices=idx,
                                                   block_size=32, window=16, causal=True,
                                                   backend="numpy"))
-    for a, b, c in zip(*runs):  # a rerun is bitwise equal; another split sums dk in
+    for a, b, c in zip(*runs):  # a rerun is bitwise equal; another split sums dq in
         np.testing.assert_array_equal(b, c)  # another order
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_argument_checks() -> None:
-    lib = native.BACKWARD
+    lib = native.ATTENTION
     f = np.zeros((2, 4, 3), np.float32)
     k = np.zeros((5, 3), np.float32)
     lse = np.zeros((2, 4), np.float32)
-    with pytest.raises(ValueError, match="disagree"):
-        lib.attention_backward(f, k, k, lse, f, None, None, f, k, k, 0, 9, 1, 0, False, 1.0)
+    with pytest.raises(ValueError, match="disagree"):  # 5 keys are 5 blocks of 1, not 9
+        lib.attention_backward(f, k, k, lse, lse, f, None, None, f, k, k, 0, 9, 1, 0, False,
+                               1.0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        lib.attention_backward(f[:, ::2], k, k, lse, f, None, None, f, k, k, 0, 1, 1, 0,
+        lib.attention_backward(f[:, ::2], k, k, lse, lse, f, None, None, f, k, k, 0, 1, 1, 0,
                                False, 1.0)
+    with pytest.raises(ValueError, match="isa 7"):
+        lib.attention_backward(f, k, k, lse, lse, f, None, None, f, k, k, 0, 5, 1, 0, False,
+                               1.0, 7)
+    # the forward: o [g, n, Dv], m and l [g, n], selected uint8 [n, n_blocks]
+    o, m = np.zeros((2, 4, 3), np.float32), np.zeros((2, 4), np.float32)
+    sel = np.zeros((4, 5), np.uint8)
+    lib.attention_forward(f, k, k, sel, o, m, m.copy(), 1, 1, 0, True, 1.0)
+    with pytest.raises(ValueError, match="disagree"):  # 5 keys in blocks of 2 are 3 blocks
+        lib.attention_forward(f, k, k, sel, o, m, m.copy(), 1, 2, 0, True, 1.0)
+    with pytest.raises(ValueError, match="1-byte items"):
+        lib.attention_forward(f, k, k, sel.astype(np.int64), o, m, m.copy(), 1, 1, 0, True, 1.0)
+    with pytest.raises(ValueError, match="isa 7"):
+        lib.attention_forward(f, k, k, None, o, m, m.copy(), 1, 1, 0, True, 1.0, 7)
+
+
+def test_every_build_of_the_tiles_agrees_and_the_status_names_the_one_that_runs() -> None:
+    """The builds sum in different orders (vector widths), so they agree to rounding; an ISA
+    asked for by DSHAL_NUMPY_ATTENTION_ISA is used when this CPU runs it."""
+    rng = np.random.default_rng(5)
+    q, k, v, out, lse, go, idx = inputs(rng, 2, 6, 2, 70, 90, 24, top_k=2, block_size=16,
+                                         window=5, causal=True)
+    runs = []
+    for name in ISAS:
+        dq, dk, dv = (np.zeros_like(x) for x in (q[0, :3], k[0, 0], v[0, 0]))
+        delta = np.einsum("hld,hld->hl", go[0, :3], out[0, :3])
+        native.ATTENTION.attention_backward(
+            q[0, :3], k[0, 0], v[0, 0], lse[0, :3], delta, go[0, :3], None,
+            np.sort(idx[0, 0], axis=-1), dq, dk, dv, 0, 6, 16, 5, True, 24 ** -0.5,
+            native.ATTENTION.ISAS.index(name))
+        runs.append((dq, dk, dv))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert native.ATTENTION.ISAS[native.ATTENTION_ISA] in native.ATTENTION_STATUS
 
 
 def test_torch_autograd_runs_the_numpy_backward() -> None:

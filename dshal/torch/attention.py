@@ -154,7 +154,8 @@ def select(q: torch.Tensor, k: torch.Tensor, geo: Geometry, top_k: int | float,
 def pick(scores: torch.Tensor, cand: torch.Tensor, take: torch.Tensor, own: torch.Tensor
          ) -> torch.Tensor:
     """bool [..., rows, nb]: the forced own block plus the ``take`` best candidates of each row
-    of ``scores`` [..., rows, nb] (``cand`` [rows, nb], ``take`` and ``own`` [rows]), ranked
+    of ``scores`` [..., rows, nb] (``cand`` [rows, nb], ``take`` and ``own`` [rows], or with
+    leading dims that broadcast against the scores' (batched sequences)), ranked
     descending with ties to the lower block, non-finite scores after every finite one (lower
     block first among them). Shared with backends that compute the scores in their own
     kernels (dshal-triton)."""
@@ -168,8 +169,8 @@ def pick(scores: torch.Tensor, cand: torch.Tensor, take: torch.Tensor, own: torc
     by_class = torch.sort(klass.gather(-1, by_score), dim=-1, stable=True).indices
     order = by_score.gather(-1, by_class)
     rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
-    picked = cand & (rank < take[:, None])
-    picked |= positions[None, :] == own[:, None]
+    picked = cand & (rank < take[..., None])
+    picked |= positions == own[..., None]
     return picked
 
 

@@ -2,9 +2,11 @@
 
 Two pieces:
 
-- :func:`sparse_attention_forms`, the torch backend's forward for these forms: each sequence
-  (:func:`dshal.forms.sequences`) runs as a contiguous call of :mod:`dshal.torch.attention` on
-  its query rows and its keys (gathered from its pages when paged), with its block_keys.
+- :func:`sparse_attention_forms`, the torch backend's forward for these forms: sequences with
+  up to :data:`BATCHED_ROWS` queries (decode, short chunks) are served together by
+  :mod:`dshal.torch.batched` (one set of tensor ops, no per-sequence loop); each longer one
+  (prefill) runs as a contiguous call of :mod:`dshal.torch.attention` on its query rows and
+  its keys (gathered from its pages when paged), with its block_keys.
 - ``torch.ops.dshal.sparse_attention_forms``, the custom operator ``dshal.torch`` routes these
   forms to, with a fake implementation (validated by the same planner as ``dshal.ops``) and
   autograd: the backward runs ``torch.ops.dshal._sparse_attention_backward`` per sequence with
@@ -35,21 +37,63 @@ from torch import Tensor
 
 from dshal import ops
 from dshal.calls import AttentionCall
-from dshal.forms import padded_selections, seq_keys, seq_summaries, sequences
-from dshal.torch import attention
+from dshal.forms import (
+    Seq,
+    SeqArrays,
+    padded_selections,
+    seq_arrays,
+    seq_keys,
+    seq_summaries,
+    sequences,
+)
+from dshal.torch import attention, batched
 
 _LIB = "dshal"
+
+
+#: the longest query run (rows per sequence) served by the batched path; longer sequences
+#: (prefill) run one contiguous call each. 0 sends every sequence through the per-sequence
+#: path (how tests and benchmarks compare the two). Measured on CPU (docs/performance.md,
+#: B=8, cache 8192, top_k 16 of 64, window 256, one thread): batched is 10x faster at one row
+#: per sequence and about even from 8 to 64 rows (where the rows of a sequence select
+#: different blocks and both paths compute the same scores); with block_keys the batched path
+#: never reads a whole cache, the per-sequence one gathers each paged sequence's keys.
+BATCHED_ROWS = 16
 
 
 def sparse_attention_forms(call: AttentionCall) -> tuple[Any, Any, Any]:
     """``(out, indices, lse)`` of a varlen, paged or block_keys call on torch tensors."""
     q, k, v = call.q, call.k, call.v
     B, Hq, Lq, _ = q.shape
-    Hkv, page_size, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Hkv, Dv = k.shape[1], v.shape[3]
+    seqs = seq_arrays(call)
+    short = (seqs.lq > 0) & (seqs.lq <= BATCHED_ROWS)
+    served = batched.attend(call, seqs.subset(short))
+    if len(served) == 1 and served[0].b is None:  # a batch of decode steps, as laid out
+        rows = served[0]
+        return rows.out.to(q.dtype), rows.indices if call.return_indices else None, \
+            rows.lse if call.return_lse else None
     out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
+    for rows in served:
+        b, i = (torch.from_numpy(x).to(q.device) for x in (rows.b, rows.q))
+        out[b, :, i] = rows.out.to(q.dtype)
+        lse[b, :, i] = rows.lse
+    picked = _per_sequence(call, seqs.subset(seqs.lq > BATCHED_ROWS), out, lse)
+    indices = None
+    if call.return_indices:
+        indices = _place_indices(served, picked, (B, Hkv, Lq), q.device)
+    return out, indices, lse if call.return_lse else None
+
+
+def _per_sequence(call: AttentionCall, seqs: SeqArrays, out: Tensor, lse: Tensor
+                  ) -> list[tuple[Seq, Tensor]]:
+    """Each sequence of ``seqs`` as a contiguous call (its keys gathered from its pages when
+    paged), written into ``out`` and ``lse``; its selection [Hkv, lq, n] when it has one."""
+    q, k, v = call.q, call.k, call.v
+    page_size = k.shape[2]
     picked = []
-    for s in sequences(call):
+    for s in seqs.as_list():
         rows = slice(s.q0, s.q0 + s.lq)
         bk = None if call.block_keys is None else \
             seq_summaries(call.block_keys, s, call.block_size, page_size)[None]
@@ -63,10 +107,22 @@ def sparse_attention_forms(call: AttentionCall) -> tuple[Any, Any, Any]:
         lse[s.b, :, rows] = seq_lse[0]
         if sel is not None:
             picked.append((s, sel[0]))
-    indices = None if not call.return_indices else padded_selections(
-        picked, B, Hkv, Lq, lambda shape: torch.full(shape, -1, dtype=torch.int64,
-                                                     device=q.device))
-    return out, indices, lse if call.return_lse else None
+    return picked
+
+
+def _place_indices(served: list[batched.Rows], picked: list[tuple[Seq, Tensor]],
+                   shape: tuple[int, int, int], device: torch.device) -> Tensor:
+    """The selections of both paths in the call's layout [B, Hkv, Lq, width], -1 padded to
+    the widest row."""
+    width = max([r.indices.shape[-1] for r in served if r.indices is not None]
+                + [x.shape[-1] for _, x in picked], default=0)
+    indices = padded_selections(picked, *shape, lambda s: torch.full(
+        (*s[:3], width), -1, dtype=torch.int64, device=device))
+    for rows in served:
+        if rows.indices is not None:
+            b, i = (torch.from_numpy(x).to(device) for x in (rows.b, rows.q))
+            indices[b, :, i, :rows.indices.shape[-1]] = rows.indices
+    return indices
 
 
 # --- torch.ops.dshal.sparse_attention_forms ---------------------------------------------------

@@ -1,8 +1,13 @@
 """Block-sparse attention on the CPU: selected key blocks plus a banded sliding window.
 
 No Lq x Lk matrix is ever formed when ``top_k``/``indices`` or ``window`` restrict the keys
-(MoBA-style). The queries of each (batch, kv head) are cut into ranges, the units of work; per
-range:
+(MoBA-style). The queries of each (batch, kv head) are cut into ranges, the units of work. Per
+range, the selection (1. below) runs in numpy; the attention itself runs, for float32 (and
+float16/bfloat16, computed in float32), in the compiled tiles of ``_attention.c`` where they are
+built (key-major: per key block, the range's rows allowed keys of it, in batches sharing a key
+range, each row's online softmax taken in the block's keys in ascending block order; a row's
+result does not depend on how the rows are cut into ranges), and otherwise (float64, or the
+extension not built) in the numpy passes 2. and 3.:
 
 1. **Selection** (``top_k``): the ``n x n_blocks`` matrix of scores
    ``scale * (sum of the group's query heads) . mean(key block)`` (block means in float64,
@@ -217,12 +222,29 @@ def parallel_spans(fn: Callable[[int, int], None], n: int, size: int, align: int
 
 
 class _KV:
-    """Keys and values of one (task, kv head), prepared once for all its query ranges."""
+    """Keys and values of one (task, kv head), prepared once for all its query ranges: as
+    float32 arrays for the compiled tiles (``compiled``), else as the numpy passes' operands."""
 
     def __init__(self, call: AttentionCall, task: Task, t: int, cdt: np.dtype) -> None:
         k, v = task.k[t], task.v[t]
-        self.lk, d = k.shape
+        self.lk = k.shape[0]
         self.n_blocks = -(-self.lk // call.block_size)
+        self.compiled = native.ATTENTION is not None and cdt == np.float32
+        if self.compiled:
+            self.k32 = np.ascontiguousarray(k, np.float32)
+            self.v32 = np.ascontiguousarray(v, np.float32)
+        else:
+            self._numpy_operands(k, v, cdt)
+        # scale * block means (or the caller's summaries), transposed, for the selection
+        # scores (in the compute dtype)
+        self.kmean_t = None
+        if call.top_k is not None:
+            means = _block_means(k, call.block_size) if task.block_keys is None else \
+                np.asarray(task.block_keys[t], np.float64)
+            self.kmean_t = (means * call.scale).T.astype(cdt)
+
+    def _numpy_operands(self, k: np.ndarray, v: np.ndarray, cdt: np.dtype) -> None:
+        d = k.shape[1]
         self.kx = np.empty((self.lk, d + 1), cdt)  # [keys | 1]: the column meets -reference
         self.kx[:, :d] = k
         self.kx[:, d] = 1
@@ -231,13 +253,6 @@ class _KV:
         self.vbad = ~np.isfinite(self.vt).all(axis=1)
         self.vx = np.ones((self.lk, v.shape[1] + 1), cdt)  # [values | 1], non-finite zeroed
         self.vx[:, :-1] = np.where(self.vbad[:, None], 0, self.vt) if self.vbad.any() else v
-        # scale * block means (or the caller's summaries), transposed, for the selection
-        # scores (in the compute dtype)
-        self.kmean_t = None
-        if call.top_k is not None:
-            means = _block_means(k, call.block_size) if task.block_keys is None else \
-                np.asarray(task.block_keys[t], np.float64)
-            self.kmean_t = (means * call.scale).T.astype(cdt)
 
 
 class _KVCache:
@@ -282,29 +297,55 @@ def _unit(call: AttentionCall, task: Task, unit: tuple[int, int, int, int], cach
         if kv.lk == 0 or g == 0:
             return
         every_key = call.indices is None and _selects_every_block(call.top_k, kv.n_blocks)
-        head = _Head(call, task.q[heads, qa:qz], kv, off, cdt)
-        head.run(sel, every_key)
+        empty = ~_has_keys(call, sel, qz - qa, off, kv.lk)
+        if kv.compiled:
+            o, den, m = _compiled(call, task.q[heads, qa:qz], kv, off, sel, every_key)
+        else:
+            o, den, m = _numpy_passes(call, task.q[heads, qa:qz], kv, off, sel, every_key, cdt)
         # rows with nothing allowed give 0 / -inf; rows whose allowed scores are all -inf
         # give NaN, as the softmax itself does
-        empty = ~_has_keys(call, sel, qz - qa, off, kv.lk)
-        den = head.acc[..., -1:]
-        if ((den[..., 0] == 0) & np.isfinite(head.m)).any():
-            # a finite reference yet no mass: the scores are so large (|score| beyond 2**31
-            # in log2 units) that the shift folded into the product lost the reference key
-            # itself; rerun with references taken from each row's computed maxima only
-            head = _Head(call, task.q[heads, qa:qz], kv, off, cdt)
-            head.run(sel, every_key, own_reference=False)
-            den = head.acc[..., -1:]
-        view = task.out[heads, qa:qz].transpose(1, 0, 2)
-        np.divide(head.acc[..., :-1], den, out=view, casting="unsafe")
-        view[empty] = 0
+        view = task.out[heads, qa:qz]
+        np.divide(o, den[..., None], out=view, casting="unsafe")
+        view[:, empty] = 0
         if task.lse is not None:
-            row_lse = (head.m + np.log2(den[..., 0])) * _LN2
-            row_lse[den[..., 0] == 0] = np.nan  # allowed keys, all scoring -inf (as out)
-            row_lse[empty] = NEG_INF
-            task.lse[heads, qa:qz] = row_lse.T
+            row_lse = (m + np.log2(den)) * _LN2
+            row_lse[den == 0] = np.nan  # allowed keys, all scoring -inf (as out)
+            row_lse[:, empty] = NEG_INF
+            task.lse[heads, qa:qz] = row_lse
     finally:
         cache.done(b, t)
+
+
+def _compiled(call: AttentionCall, q: np.ndarray, kv: _KV, off: int, sel: np.ndarray | None,
+              every_key: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The compiled tiles' sums for queries q [g, n, D] at key positions off, off + 1, ...:
+    o [g, n, Dv] (sum of p v), l [g, n] (sum of p) and m [g, n] (the max score, log2 units)."""
+    q = np.ascontiguousarray(q, np.float32)
+    g, n = q.shape[:2]
+    o = np.zeros((g, n, kv.v32.shape[1]), np.float32)
+    m, den = np.full((g, n), NEG_INF, np.float32), np.zeros((g, n), np.float32)
+    selected = None if sel is None or every_key else np.ascontiguousarray(sel).view(np.uint8)
+    native.ATTENTION.attention_forward(q, kv.k32, kv.v32, selected, o, m, den, off,
+                                       call.block_size, 0 if every_key else call.window,
+                                       call.causal, call.scale, native.ATTENTION_ISA)
+    return o, den, m
+
+
+def _numpy_passes(call: AttentionCall, q: np.ndarray, kv: _KV, off: int, sel: np.ndarray | None,
+                  every_key: bool, cdt: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The numpy passes' sums (as :func:`_compiled`, in the compute dtype; m is each row's
+    softmax reference)."""
+    head = _Head(call, q, kv, off, cdt)
+    head.run(sel, every_key)
+    den = head.acc[..., -1]
+    if ((den == 0) & np.isfinite(head.m)).any():
+        # a finite reference yet no mass: the scores are so large (|score| beyond 2**31
+        # in log2 units) that the shift folded into the product lost the reference key
+        # itself; rerun with references taken from each row's computed maxima only
+        head = _Head(call, q, kv, off, cdt)
+        head.run(sel, every_key, own_reference=False)
+        den = head.acc[..., -1]
+    return head.acc[..., :-1].transpose(1, 0, 2), den.T, head.m.T
 
 
 def _has_keys(call: AttentionCall, sel: np.ndarray | None, n: int, off: int, lk: int

@@ -48,19 +48,30 @@ def _int8_kernel() -> tuple[bool, str]:
 INT8_KERNEL, INT8_STATUS = _int8_kernel()
 
 
-# --- the compiled backward of sparse_attention (_backward.c) ----------------------------------
+# --- the compiled float32 attention, forward and backward (_attention.c) ----------------------
 
 
-def _load_backward() -> tuple[ModuleType | None, str]:
+def _load_attention() -> tuple[ModuleType | None, int, str]:
     if os.environ.get("DSHAL_NUMPY_NATIVE", "1").strip() == "0":
-        return None, "not served (compiled loops switched off: DSHAL_NUMPY_NATIVE=0)"
+        return None, -1, "not built (compiled loops switched off: DSHAL_NUMPY_NATIVE=0)"
     try:
-        from dshal.backends.numpy import _backward
+        from dshal.backends.numpy import _attention
     except ImportError as exc:
-        return None, f"not served (compiled backward not built: {exc})"
-    return _backward, "compiled kernel (dshal.backends.numpy._backward)"
+        return None, -1, f"not built ({exc})"
+    isa, asked = _attention.BEST, os.environ.get("DSHAL_NUMPY_ATTENTION_ISA", "").strip()
+    note = ""
+    if asked in _attention.SUPPORTED:
+        isa = _attention.ISAS.index(asked)
+    elif asked:
+        note = (f"; DSHAL_NUMPY_ATTENTION_ISA={asked!r} ignored: this CPU runs "
+                f"{', '.join(_attention.SUPPORTED)}")
+    return _attention, isa, (f"compiled float32 tiles (dshal.backends.numpy._attention, "
+                             f"{_attention.ISAS[isa]}{note})")
 
 
-#: the compiled backward of sparse_attention, or None: the numpy backend then does not declare
-#: the backward (another backend that declares it serves it); :data:`BACKWARD_STATUS` says which
-BACKWARD, BACKWARD_STATUS = _load_backward()
+#: the compiled float32 attention (forward and backward of sparse_attention), or None: the
+#: forward then runs in numpy passes and the numpy backend does not declare the backward
+#: (another backend that declares it serves it). :data:`ATTENTION_ISA` is the build of its
+#: tiles that runs (the best this CPU runs, or ``DSHAL_NUMPY_ATTENTION_ISA``: baseline, avx2 or
+#: avx512); :data:`ATTENTION_STATUS` says which
+ATTENTION, ATTENTION_ISA, ATTENTION_STATUS = _load_attention()

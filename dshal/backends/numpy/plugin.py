@@ -46,7 +46,7 @@ def dshal_backend_declare() -> BackendSpec:
         "quantize": cap("quantize", precisions=PRECISIONS),
         "gated_channels": cap("gated_channels"),
     }
-    if native.BACKWARD is not None:  # float32 kernel: float64 is left to a float64 backend
+    if native.ATTENTION is not None:  # float32 kernel: float64 is left to a float64 backend
         capabilities["sparse_attention_backward"] = cap("sparse_attention_backward",
                                                         floats - {"float64"})
     return BackendSpec(
@@ -100,7 +100,7 @@ def dshal_device_probe() -> DeviceInfo:
                       details={"processor": _cpu_model(), "attention threads": threads,
                                "quantize and rounding": native.STATUS,
                                "int8 gemm products": native.INT8_STATUS,
-                               "attention backward": native.BACKWARD_STATUS,
+                               "attention kernels (float32)": native.ATTENTION_STATUS,
                                "serving decode": decode.STATUS})
 
 
