@@ -31,5 +31,5 @@ setup(ext_modules=[
               extra_compile_args=backward_flags, optional=True),
     # the fused decode of the serving forms (dshal/backends/numpy/decode.py)
     Extension("dshal.backends.numpy._decode", ["dshal/backends/numpy/_decode.c"],
-              depends=buffers, extra_compile_args=flags, optional=True),
+              depends=exp2 + buffers, extra_compile_args=flags, optional=True),
 ])

@@ -183,13 +183,15 @@ def _blas_single_threaded() -> AbstractContextManager | None:
     return controller.limit(limits=1, user_api="blas")
 
 
-def _parallel(fn, units: list, threads: int) -> None:
+def _parallel(fn, units: list, threads: int, blas: bool = True) -> None:
     """Run ``fn`` on every unit, on a pool of ``threads`` when BLAS can be held to one thread
-    meanwhile (else in order: a multithreaded BLAS called from several threads is slower)."""
+    meanwhile (else in order: a multithreaded BLAS called from several threads is slower).
+    ``blas=False``: ``fn`` makes no BLAS call (a compiled kernel), so the pool runs it without
+    holding BLAS (threadpoolctl's limit costs ~0.3 ms a call)."""
     global _POOL
-    limit = _blas_single_threaded()
+    limit = _blas_single_threaded() if blas else None
     with limit or nullcontext():
-        if limit is None or threads <= 1 or len(units) <= 1:
+        if (blas and limit is None) or threads <= 1 or len(units) <= 1:
             for unit in units:
                 fn(unit)
             return

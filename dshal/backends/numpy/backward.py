@@ -84,7 +84,7 @@ def sparse_attention_backward(call: AttentionBackwardCall
                 dq[b, heads] if shared else partial[unit], dk[b, t], dv[b, t], b0, b1,
                 call.block_size, call.window, call.causal, call.scale, native.ATTENTION_ISA)
 
-        _parallel(work, units, threads)
+        _parallel(work, units, threads, blas=False)
         for (b, t, _, _), dq_u in partial.items():  # unit order: deterministic
             dq[b, t * g:(t + 1) * g] += dq_u
     return (dq.astype(call.q.dtype, copy=False), dk.astype(call.k.dtype, copy=False),

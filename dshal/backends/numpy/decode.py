@@ -16,7 +16,9 @@ All sequences and kv heads are served at once, with no per-sequence Python loop:
    softmax in float32 (float64 for float64 inputs). Padding and masked keys get -inf scores and
    zero values before any product, so NaN/Inf in unused page slots or unattended keys never
    reach an output. For float32 C-contiguous pools the compiled loop of ``_decode.c`` does
-   steps 2-3 in one pass over the attended pool rows (no gathered copies).
+   steps 2-3 in one pass over the attended pool rows (no gathered copies), its (sequence, kv
+   head) pairs split over the backend's threads (each pair's result does not depend on which
+   thread computes it).
 
 The reads: (top_k + 1) * block_size + window keys and values per (sequence, kv head) and the
 summaries of the sequence's blocks; the cache length enters only through the summaries.
@@ -28,10 +30,13 @@ import os
 
 import numpy as np
 
+from dshal.backends.numpy.attention import _parallel, _workers
 from dshal.calls import AttentionCall, resolve_count
 from dshal.forms import Seq
 
 NEG_INF = -np.inf
+#: below this many (pair, attended key, head) scores a decode runs on the calling thread
+_THREADING_MIN = 1 << 15
 
 
 def _load_fused():
@@ -233,7 +238,16 @@ def _fused(call: AttentionCall, live: list[Seq], q: np.ndarray, pos: np.ndarray,
     rows = np.ascontiguousarray(_pool_rows(call, live, pos, valid).reshape(n * Hkv, -1))
     out = np.empty((n * Hkv, g, Dv), np.float32)
     lse = np.empty((n * Hkv, g), np.float32)
-    _FUSED.decode(qt, k.reshape(-1, D), v.reshape(-1, Dv), rows, out, lse)
+    kp, vp = k.reshape(-1, D), v.reshape(-1, Dv)
+    pairs = n * Hkv
+    threads = min(pairs, _workers()) if pairs * rows.shape[1] * g >= _THREADING_MIN else 1
+    step = -(-pairs // threads)
+
+    def work(a: int) -> None:  # pairs [a, a + step): each pair's result is the same anywhere
+        z = min(pairs, a + step)
+        _FUSED.decode(qt[a:z], kp, vp, rows[a:z], out[a:z], lse[a:z])
+
+    _parallel(work, list(range(0, pairs, step)), threads, blas=False)
     return out.reshape(n, Hkv, g, Dv), lse.reshape(n, Hkv, g)
 
 
