@@ -261,7 +261,25 @@ def main() -> None:
             [8192, 6144, 5120, 4096, 3072, 2560, 2048, 1536]
         best = best_of(prefill_runs(lengths, rng), 1 if not args.tiny else args.repeat)
         print(table(f"varlen prefill {len(lengths)} sequences {lengths} (total "
-                    f"{sum(lengths)})", best, "torch SDPA padded batch (dense causal)"))
+                    f"{sum(lengths)})", best, "torch SDPA padded batch (dense causal)"), "\n")
+        # many short sequences: 64 of 64-1024 tokens (total 32768), where the selection and
+        # the window cover most of each sequence (the call is nearly dense)
+        many = [5, 3] if args.tiny else _lengths(64, 64, 1024, 32768, rng)
+        best = best_of(prefill_runs(many, rng), 1 if not args.tiny else args.repeat)
+        print(table(f"varlen prefill {len(many)} sequences of {min(many)}-{max(many)} tokens "
+                    f"(total {sum(many)})", best, "torch SDPA padded batch (dense causal)"))
+
+
+def _lengths(n: int, lo: int, hi: int, total: int, rng: np.random.Generator) -> list[int]:
+    """n lengths in [lo, hi] summing to ``total`` (random, then evened out a token at a
+    time)."""
+    lengths = rng.integers(lo, hi + 1, n)
+    while lengths.sum() != total:
+        i = int(rng.integers(n))
+        step = 1 if lengths.sum() < total else -1
+        if lo <= lengths[i] + step <= hi:
+            lengths[i] += step
+    return [int(x) for x in lengths]
 
 
 if __name__ == "__main__":

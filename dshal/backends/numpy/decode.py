@@ -144,8 +144,12 @@ def _summaries(call: AttentionCall, live: list[Seq], nbm: int) -> np.ndarray:
         for r, s in enumerate(live):
             m = min(n_pages, len(s.pages))
             table[r, :m] = s.pages[:m]
-        rows = bk[table].transpose(0, 2, 1, 3, 4)  # [n, Hkv, n_pages, per, D]
-        return rows.reshape(len(live), bk.shape[1], -1, bk.shape[3])[:, :, :nbm]
+        # whole pages as flat rows (np.take copies them with memcpy: ~7x faster than the
+        # fancy index on the 4-D pool), then [n, Hkv, n_pages * per, D]
+        flat = np.take(bk.reshape(bk.shape[0], -1), table.ravel(), axis=0)
+        rows = flat.reshape(len(live), n_pages, bk.shape[1], per, bk.shape[3])
+        return rows.transpose(0, 2, 1, 3, 4).reshape(len(live), bk.shape[1], -1,
+                                                     bk.shape[3])[:, :, :nbm]
     if call.cu_seqlens_k is not None:  # varlen: [1, Hkv, sum of n_blocks, D]
         start = np.array([s.nb0 for s in live])
         rows = np.minimum(start[:, None] + np.arange(nbm)[None, :], max(bk.shape[2] - 1, 0))
