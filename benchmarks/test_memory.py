@@ -2,8 +2,9 @@
 
 Sparse attention at L=32768 (B=1, H=8 query and kv heads, D=64, block 64, top_k 16, window 256,
 causal) must stay under 2 GiB of extra memory: no dense L x L buffer (that alone would be
-32 GiB in float32). The L=8192 rows of ``test_attention`` and the gemm/gated-linear rows are
-measured the same way for comparison. The time column is that one (cold) call.
+32 GiB in float32); its training step (forward + backward, torch tensors, Hq=16, Hkv=2) under
+4 GiB, the gradients included. The L=8192 rows of ``test_attention`` and the gemm/gated-linear
+rows are measured the same way for comparison. The time column is that one (cold) call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import dshal
-from benchmarks import test_attention, test_gating, test_gemm
+from benchmarks import test_attention, test_gating, test_gemm, test_training
 from benchmarks._harness import Case, peak_memory
 
 OP = "peak extra memory per call (fresh process, VmHWM - VmRSS)"
@@ -33,10 +34,14 @@ def long_sparse(L: int):
 
 
 def cases(tiny: bool = False) -> list[Case]:
-    """The L=32768 sparse attention call (L=512 when tiny)."""
+    """The L=32768 sparse attention call, and a training step (forward + backward, the
+    gradients of q, k and v included) at L=32768, Hq=16, Hkv=2, top_k 16 (L=512 when tiny)."""
     L = 512 if tiny else 32768
     return [Case(OP, f"dshal numpy sparse_attention L={L} H=8 top_k=16 window=256",
-                 functools.partial(long_sparse, L))]
+                 functools.partial(long_sparse, L)),
+            Case(OP, f"dshal sparse_attention fwd+bwd L={L} Hq=16 Hkv=2 top_k=16 "
+                 f"window={test_training.WINDOW}",
+                 functools.partial(test_training.step, "dshal", L, 16))]
 
 
 def _pick(cases: list[Case], impls: tuple[str, ...]) -> list[Case]:
