@@ -35,7 +35,8 @@ def test_memory_probe_and_table() -> None:
 
 
 def test_quick_serving_runs_at_tiny_sizes() -> None:
-    """benchmarks/quick_serving.py prints its decode and prefill tables (toy sizes)."""
+    """benchmarks/quick_serving.py prints its decode and prefill tables (toy sizes): two
+    decode sizes, the mixed-length prefill and the many-short-sequences prefill."""
     import subprocess
     import sys
     from pathlib import Path
@@ -46,7 +47,8 @@ def test_quick_serving_runs_at_tiny_sizes() -> None:
                           "--tiny", "--repeat", "1"], capture_output=True, text=True,
                          timeout=600, cwd=root)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("### ") == 3 and "dshal paged + block_keys" in run.stdout
+    assert run.stdout.count("### ") == 4 and "dshal paged + block_keys" in run.stdout
+    assert "varlen prefill 2 sequences of 3-5 tokens" in run.stdout
 
 
 def test_quick_serving_torch_tables_at_tiny_sizes() -> None:
