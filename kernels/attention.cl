@@ -38,6 +38,17 @@ KERNEL void attn_block_means(GLOBAL const X_T* RESTRICT k, GLOBAL float* RESTRIC
     }
 }
 
+/* qs = the sum of the g query heads of query i of (batch, kv head) bh: heads t*g .. t*g+g-1
+ * of batch b are rows (bh*g + h) of q viewed as [B*Hq, Lq, D] */
+DEVICE void group_query_sum(GLOBAL const X_T* RESTRICT q, int bh, int g, int Lq, int i,
+                            float* qs) {
+    for (int d = 0; d < D; d++) qs[d] = 0.0f;
+    for (int h = 0; h < g; h++) {
+        GLOBAL const X_T* qr = q + (((i64)bh * g + h) * Lq + i) * D;
+        for (int d = 0; d < D; d++) qs[d] += X_LOAD(qr[d]);
+    }
+}
+
 /* scores [BH, Lq, nb] of query GLOBAL_ID(0) of (batch, kv head) GLOBAL_ID(1) */
 KERNEL void attn_scores(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRICT kmean,
                         GLOBAL float* RESTRICT scores, int BH, int Hkv, int g, int Lq, int nb,
@@ -45,12 +56,7 @@ KERNEL void attn_scores(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RESTRI
     int i = GLOBAL_ID(0), bh = GLOBAL_ID(1);
     if (i >= Lq || bh >= BH) return;
     float qs[D];
-    for (int d = 0; d < D; d++) qs[d] = 0.0f;
-    /* query heads t*g .. t*g+g-1 of batch b are rows (bh*g + h) of q viewed as [B*Hq, Lq, D] */
-    for (int h = 0; h < g; h++) {
-        GLOBAL const X_T* qr = q + (((i64)bh * g + h) * Lq + i) * D;
-        for (int d = 0; d < D; d++) qs[d] += X_LOAD(qr[d]);
-    }
+    group_query_sum(q, bh, g, Lq, i, qs);
     GLOBAL float* out = scores + ((i64)bh * Lq + i) * nb;
     for (int b = 0; b < nb; b++) {
         GLOBAL const float* km = kmean + ((i64)bh * nb + b) * D;
@@ -401,11 +407,7 @@ KERNEL void attn_seq_scores(GLOBAL const X_T* RESTRICT q, GLOBAL const float* RE
     seq_row r = seq_row_of(rowseq, seqs, bh / Hkv, i, Lq);
     int nb = (r.lk + bs - 1) / bs;
     float qs[D];
-    for (int d = 0; d < D; d++) qs[d] = 0.0f;
-    for (int h = 0; h < g; h++) {
-        GLOBAL const X_T* qr = q + (((i64)bh * g + h) * Lq + i) * D;
-        for (int d = 0; d < D; d++) qs[d] += X_LOAD(qr[d]);
-    }
+    group_query_sum(q, bh, g, Lq, i, qs);
     GLOBAL float* out = scores + ((i64)bh * Lq + i) * NBM;
     for (int c = 0; c < nb; c++) {
         i64 row = sum_paged
