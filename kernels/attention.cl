@@ -208,6 +208,22 @@ DEVICE void fold_scores(attn_state* st, int h, float* s, int c0, int c1, float s
     for (int e = 0; e < DV; e++) st->acc[h][e] *= corr;
 }
 
+/* a chunk's scores s[h][c] (the HPW heads of a work-item, KC keys): zeroed, then each head
+ * dimension d added as q[h][d] * kd[c] (independent accumulators along the chunk) */
+DEVICE void chunk_zero(float s[HPW][KC]) {
+    for (int h = 0; h < HPW; h++)
+#pragma unroll
+        for (int c = 0; c < KC; c++) s[h][c] = 0.0f;
+}
+
+DEVICE void chunk_add_dim(const attn_state* st, float s[HPW][KC], const float* kd, int d) {
+    for (int h = 0; h < HPW; h++) {
+        float qd = st->q[h][d];
+#pragma unroll
+        for (int c = 0; c < KC; c++) s[h][c] += qd * kd[c];
+    }
+}
+
 /* fold keys [j0, j1) of one (batch, kv head) into the state, a chunk of KC keys at a time:
  * scores for the whole chunk (independent accumulators along the chunk, so they vectorize),
  * keys outside [j0, j1) then dropped by fold_scores */
@@ -218,18 +234,12 @@ DEVICE void attend(attn_state* st, GLOBAL const float* RESTRICT kt,
         int c0 = MAX(j0 - cb * KC, 0), c1 = MIN(j1 - cb * KC, KC);
         GLOBAL const float* kc = kt + (i64)cb * D * KC;
         float s[HPW][KC];
-        for (int h = 0; h < HPW; h++)
-#pragma unroll
-            for (int c = 0; c < KC; c++) s[h][c] = 0.0f;
+        chunk_zero(s);
         for (int d = 0; d < D; d++) {
             float kd[KC];
 #pragma unroll
             for (int c = 0; c < KC; c++) kd[c] = kc[d * KC + c];
-            for (int h = 0; h < HPW; h++) {
-                float qd = st->q[h][d];
-    #pragma unroll
-                for (int c = 0; c < KC; c++) s[h][c] += qd * kd[c];
-            }
+            chunk_add_dim(st, s, kd, d);
         }
         for (int h = 0; h < HPW; h++) {
             fold_scores(st, h, s[h], c0, c1, scale);
@@ -471,18 +481,12 @@ DEVICE void attend_seq(attn_state* st, GLOBAL const X_T* RESTRICT k,
 #pragma unroll
         for (int c = 0; c < KC; c++) rows[c] = key_row(sk, c < n ? j + c : j0);
         float s[HPW][KC];
-        for (int h = 0; h < HPW; h++)
-#pragma unroll
-            for (int c = 0; c < KC; c++) s[h][c] = 0.0f;
+        chunk_zero(s);
         for (int d = 0; d < D; d++) {
             float kd[KC];
 #pragma unroll
             for (int c = 0; c < KC; c++) kd[c] = X_LOAD(k[rows[c] * D + d]);
-            for (int h = 0; h < HPW; h++) {
-                float qd = st->q[h][d];
-#pragma unroll
-                for (int c = 0; c < KC; c++) s[h][c] += qd * kd[c];
-            }
+            chunk_add_dim(st, s, kd, d);
         }
         for (int h = 0; h < HPW; h++) fold_scores(st, h, s[h], 0, n, scale);
         for (int c = 0; c < n; c++) {
