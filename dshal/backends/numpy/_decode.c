@@ -30,36 +30,31 @@
 
 #define LOG2E 1.4426950408889634f
 
-/* One (sequence, kv head): qt [D][g] (scaled, transposed), rows [N], out [g][Dv], lse [g]. */
+/* One (sequence, kv head): qt [D][g] (scaled, transposed), rows [N], out [g][Dv], lse [g];
+ * scratch: s [(N + 3) * g] (scores, then weights), live [N] (the attended rows). */
 BODY int one_body(const float *qt, int g, Py_ssize_t D, const float *k, const float *v,
                   Py_ssize_t Dv, Py_ssize_t R, const int64_t *rows, Py_ssize_t N, float *s,
-                  float *out, float *lse) {
+                  int64_t *live, float *out, float *lse) {
     float m[64], sum[64];
     for (int h = 0; h < g; h++) { m[h] = -INFINITY; sum[h] = 0.0f; }
     memset(out, 0, sizeof(float) * (size_t)g * (size_t)Dv);
-    /* the attended rows, in order; scores of four rows at a time (four independent sums
-     * per head: each still adds its D terms in order) */
-    Py_ssize_t used = 0;
-    const float *kr[4];
-    for (Py_ssize_t j = 0; j <= N; j++) {
-        if (j < N) {
-            const int64_t r = rows[j];
-            if (r < 0) continue;
-            if (r >= R) return -1;
-            kr[used % 4] = k + r * D;
-            used++;
-            if (used % 4) continue;
-        } else if (!(used % 4)) {
-            break;
-        }
-        const int n4 = used % 4 ? (int)(used % 4) : 4;
-        float *restrict s0 = s + (used - n4) * g;
-        for (int t = n4; t < 4; t++) kr[t] = kr[0]; /* a short group repeats its first row */
-        float *restrict s1 = s0 + g, *restrict s2 = s1 + g, *restrict s3 = s2 + g;
-        float spare[3 * 64];
-        if (n4 < 4) s3 = spare + 2 * 64;
-        if (n4 < 3) s2 = spare + 64;
-        if (n4 < 2) s1 = spare;
+    Py_ssize_t used = 0; /* the attended rows, in order */
+    for (Py_ssize_t j = 0; j < N; j++) {
+        if (rows[j] < 0) continue;
+        if (rows[j] >= R) return -1;
+        live[used++] = rows[j];
+    }
+    if (used == 0) {
+        for (int h = 0; h < g; h++) lse[h] = -INFINITY;
+        return 0;
+    }
+    /* scores, four rows at a time: four independent sums per head, each still adding its D
+     * terms in order (a short last group repeats its first row into s's spare rows) */
+    for (Py_ssize_t u = 0; u < used; u += 4) {
+        const float *kr[4];
+        for (int t = 0; t < 4; t++) kr[t] = k + live[u + t < used ? u + t : u] * D;
+        float *restrict s0 = s + u * g, *restrict s1 = s0 + g, *restrict s2 = s1 + g,
+              *restrict s3 = s2 + g;
         for (int h = 0; h < g; h++) s0[h] = s1[h] = s2[h] = s3[h] = 0.0f;
         for (Py_ssize_t d = 0; d < D; d++) {
             const float k0 = kr[0][d], k1 = kr[1][d], k2 = kr[2][d], k3 = kr[3][d];
@@ -69,16 +64,10 @@ BODY int one_body(const float *qt, int g, Py_ssize_t D, const float *k, const fl
                 s2[h] += qd[h] * k2, s3[h] += qd[h] * k3;
             }
         }
-        for (int t = 0; t < n4; t++)
-            for (int h = 0; h < g; h++) {
-                const float x = s0[t * g + h];
-                if (x > m[h]) m[h] = x;
-            }
     }
-    if (used == 0) {
-        for (int h = 0; h < g; h++) lse[h] = -INFINITY;
-        return 0;
-    }
+    for (Py_ssize_t u = 0; u < used; u++)
+        for (int h = 0; h < g; h++)
+            if (s[u * g + h] > m[h]) m[h] = s[u * g + h];
     for (int h = 0; h < g; h++)  /* every allowed score -inf (or NaN): NaN, as the softmax */
         if (m[h] == -INFINITY) m[h] = NAN;
     /* the weights, in place of the scores: exp(x) as 2**(x log2 e), across the heads */
@@ -91,24 +80,22 @@ BODY int one_body(const float *qt, int g, Py_ssize_t D, const float *k, const fl
     }
     /* out[h] += w v, the rows in order, four per pass over out (same order of additions) */
     Py_ssize_t u = 0;
-    const float *vr[4];
-    for (Py_ssize_t j = 0; j < N; j++) {
-        if (rows[j] < 0) continue;
-        vr[u % 4] = v + rows[j] * Dv;
-        if (++u % 4) continue;
-        const float *restrict w = s + (u - 4) * g;
+    for (; u + 4 <= used; u += 4) {
+        const float *v0 = v + live[u] * Dv, *v1 = v + live[u + 1] * Dv,
+                    *v2 = v + live[u + 2] * Dv, *v3 = v + live[u + 3] * Dv;
+        const float *restrict w = s + u * g;
         for (int h = 0; h < g; h++) {
             float *restrict oh = out + h * Dv;
             const float w0 = w[h], w1 = w[g + h], w2 = w[2 * g + h], w3 = w[3 * g + h];
             for (Py_ssize_t d = 0; d < Dv; d++)
-                oh[d] = (((oh[d] + w0 * vr[0][d]) + w1 * vr[1][d]) + w2 * vr[2][d]) + w3 * vr[3][d];
+                oh[d] = (((oh[d] + w0 * v0[d]) + w1 * v1[d]) + w2 * v2[d]) + w3 * v3[d];
         }
     }
-    for (Py_ssize_t t = 0; t < u % 4; t++) {
-        const float *restrict w = s + (u - u % 4 + t) * g;
+    for (; u < used; u++) {
+        const float *vr = v + live[u] * Dv, *restrict w = s + u * g;
         for (int h = 0; h < g; h++) {
             float *restrict oh = out + h * Dv;
-            for (Py_ssize_t d = 0; d < Dv; d++) oh[d] += w[h] * vr[t][d];
+            for (Py_ssize_t d = 0; d < Dv; d++) oh[d] += w[h] * vr[d];
         }
     }
     for (int h = 0; h < g; h++) {
@@ -121,11 +108,14 @@ BODY int one_body(const float *qt, int g, Py_ssize_t D, const float *k, const fl
 
 #define ONE_ARGS                                                                            \
     const float *qt, int g, Py_ssize_t D, const float *k, const float *v, Py_ssize_t Dv,    \
-    Py_ssize_t R, const int64_t *rows, Py_ssize_t N, float *s, float *out, float *lse
-static int one_base(ONE_ARGS) { return one_body(qt, g, D, k, v, Dv, R, rows, N, s, out, lse); }
+    Py_ssize_t R, const int64_t *rows, Py_ssize_t N, float *s, int64_t *live, float *out,   \
+    float *lse
+static int one_base(ONE_ARGS) {
+    return one_body(qt, g, D, k, v, Dv, R, rows, N, s, live, out, lse);
+}
 #if AVX2_BUILD
 __attribute__((target("avx2"))) static int one_avx2(ONE_ARGS) {
-    return one_body(qt, g, D, k, v, Dv, R, rows, N, s, out, lse);
+    return one_body(qt, g, D, k, v, Dv, R, rows, N, s, live, out, lse);
 }
 #endif
 
@@ -157,7 +147,9 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             b[5].shape[0] != M || b[5].shape[1] != g) {
             PyErr_SetString(PyExc_ValueError, "decode: shapes disagree (or g > 64)");
         } else {
-            float *s = malloc(sizeof(float) * (size_t)(N > 0 ? N : 1) * (size_t)g);
+            float *s = malloc(sizeof(float) * (size_t)(N + 3) * (size_t)(g > 0 ? g : 1));
+            int64_t *live = malloc(sizeof(int64_t) * (size_t)(N > 0 ? N : 1));
+            if (s == NULL || live == NULL) free(s), free(live), s = NULL, live = NULL;
             int bad = s == NULL;
             int (*one)(ONE_ARGS) = one_base;
 #if AVX2_BUILD
@@ -168,10 +160,10 @@ static PyObject *decode(PyObject *self, PyObject *args) {
                 for (Py_ssize_t i = 0; i < M && !bad; i++)
                     bad = one((const float *)b[0].buf + i * D * g, (int)g, D,
                               (const float *)b[1].buf, (const float *)b[2].buf, Dv, R,
-                              (const int64_t *)b[3].buf + i * N, N, s,
+                              (const int64_t *)b[3].buf + i * N, N, s, live,
                               (float *)b[4].buf + i * g * Dv, (float *)b[5].buf + i * g) != 0;
                 Py_END_ALLOW_THREADS
-                free(s);
+                free(s), free(live);
             }
             if (s == NULL) PyErr_NoMemory();
             else if (bad) PyErr_SetString(PyExc_ValueError, "decode: a row is out of range");
