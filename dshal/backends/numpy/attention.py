@@ -209,18 +209,19 @@ def _parallel(fn, units: list, threads: int, blas: bool = True) -> None:
 PARALLEL_MIN = 1 << 21
 
 
-def parallel_spans(fn: Callable[[int, int], None], n: int, size: int, align: int = 1) -> None:
+def parallel_spans(fn: Callable[[int, int], None], n: int, size: int, align: int = 1,
+                   minimum: int = PARALLEL_MIN, blas: bool = True) -> None:
     """Call ``fn(a, z)`` on contiguous spans covering ``[0, n)`` (bounds multiples of
-    ``align``): one span per thread when the work (``size`` elements) is large enough to be
-    worth it, else one span on the calling thread. Spans write disjoint outputs, so results do
-    not depend on the threads."""
-    threads = _workers() if size >= PARALLEL_MIN else 1
+    ``align``): one span per thread when the work (``size`` elements) is at least ``minimum``,
+    else one span on the calling thread. Spans write disjoint outputs, so results do not depend
+    on the threads. ``blas`` as for :func:`_parallel`."""
+    threads = _workers() if size >= minimum else 1
     if threads == 1:  # no pool, no BLAS limit to set: small calls pay nothing
         fn(0, n)
         return
     step = -(-max(1, -(-n // threads)) // align) * align
     spans = [(a, min(n, a + step)) for a in range(0, n, step)]
-    _parallel(lambda span: fn(*span), spans, threads)
+    _parallel(lambda span: fn(*span), spans, threads, blas)
 
 
 class _KV:

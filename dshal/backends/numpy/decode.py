@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from dshal.backends.numpy.attention import _parallel, _workers
+from dshal.backends.numpy.attention import parallel_spans
 from dshal.calls import AttentionCall, resolve_count
 from dshal.forms import Seq
 
@@ -243,15 +243,9 @@ def _fused(call: AttentionCall, live: list[Seq], q: np.ndarray, pos: np.ndarray,
     out = np.empty((n * Hkv, g, Dv), np.float32)
     lse = np.empty((n * Hkv, g), np.float32)
     kp, vp = k.reshape(-1, D), v.reshape(-1, Dv)
-    pairs = n * Hkv
-    threads = min(pairs, _workers()) if pairs * rows.shape[1] * g >= _THREADING_MIN else 1
-    step = -(-pairs // threads)
-
-    def work(a: int) -> None:  # pairs [a, a + step): each pair's result is the same anywhere
-        z = min(pairs, a + step)
-        _FUSED.decode(qt[a:z], kp, vp, rows[a:z], out[a:z], lse[a:z])
-
-    _parallel(work, list(range(0, pairs, step)), threads, blas=False)
+    pairs = n * Hkv  # each pair's result is the same on whichever thread computes it
+    parallel_spans(lambda a, z: _FUSED.decode(qt[a:z], kp, vp, rows[a:z], out[a:z], lse[a:z]),
+                   pairs, pairs * rows.shape[1] * g, minimum=_THREADING_MIN, blas=False)
     return out.reshape(n, Hkv, g, Dv), lse.reshape(n, Hkv, g)
 
 
