@@ -204,23 +204,34 @@ typedef struct {
 /* A call's scratch (see _attention_tiles.h for the layouts): the prepared block, a batch's
  * packed rows and products, the block's gradients. */
 typedef struct {
-    float *Kp, *KT, *VT, *Vp, *Qb, *Gb, *S, *dP, *dQb, *dKp, *dVp, *mlse, *shift;
+    float *Kp, *KT, *VT, *Vp, *Qb, *Gb, *S, *dP, *dQb, *dKp, *dVp;
+    float *mlse, *shift; /* per batch row: backward lse (log2 units) and delta - grad_lse;
+                            the forward's rescale factors use shift */
     Py_ssize_t *meet_row, *meet_c0, *meet_c1; /* the rows meeting a block, their key ranges */
     Py_ssize_t Dp, Dvp, Np, max_rows;
 } block;
 
-/* Copies the block's nk keys from key j0 into Kp, KT, VT and Vp (zero padded); zeroes dKp
- * and dVp. */
-INLINE void prepare_block(const problem *a, Py_ssize_t j0, Py_ssize_t nk, const block *w) {
+/* Copies the block's nk keys from key j0 into the layouts a direction reads (zero padded):
+ * KT and Vp for the forward; Kp, KT and VT for the backward, which also zeroes dKp and dVp. */
+INLINE void prepare_block(const problem *a, Py_ssize_t j0, Py_ssize_t nk, const block *w,
+                          int forward) {
     const Py_ssize_t D = a->D, Dv = a->Dv, Dp = w->Dp, Dvp = w->Dvp, Np = w->Np;
-    memset(w->Kp, 0, (size_t)(Np * Dp) * 4), memset(w->KT, 0, (size_t)(Dp * Np) * 4);
-    memset(w->VT, 0, (size_t)(Dvp * Np) * 4), memset(w->Vp, 0, (size_t)(Np * Dvp) * 4);
-    memset(w->dKp, 0, (size_t)(Np * Dp) * 4), memset(w->dVp, 0, (size_t)(Np * Dvp) * 4);
+    memset(w->KT, 0, (size_t)(Dp * Np) * 4);
+    if (forward) {
+        memset(w->Vp, 0, (size_t)(Np * Dvp) * 4);
+    } else {
+        memset(w->Kp, 0, (size_t)(Np * Dp) * 4), memset(w->VT, 0, (size_t)(Dvp * Np) * 4);
+        memset(w->dKp, 0, (size_t)(Np * Dp) * 4), memset(w->dVp, 0, (size_t)(Np * Dvp) * 4);
+    }
     for (Py_ssize_t j = 0; j < nk; j++) {
         const float *kj = a->k + (j0 + j) * D, *vj = a->v + (j0 + j) * Dv;
-        memcpy(w->Kp + j * Dp, kj, (size_t)D * 4), memcpy(w->Vp + j * Dvp, vj, (size_t)Dv * 4);
         for (Py_ssize_t d = 0; d < D; d++) w->KT[d * Np + j] = kj[d];
-        for (Py_ssize_t d = 0; d < Dv; d++) w->VT[d * Np + j] = vj[d];
+        if (forward) {
+            memcpy(w->Vp + j * Dvp, vj, (size_t)Dv * 4);
+        } else {
+            memcpy(w->Kp + j * Dp, kj, (size_t)D * 4);
+            for (Py_ssize_t d = 0; d < Dv; d++) w->VT[d * Np + j] = vj[d];
+        }
     }
 }
 

@@ -221,7 +221,7 @@ ISA_ATTR static void ISA_NAME(walk_blocks)(const problem *a, Py_ssize_t b0, Py_s
         while (walk_next(&walk, a, &i, &lo, &hi))
             w->meet_row[n] = i, w->meet_c0[n] = lo - j0, w->meet_c1[n] = hi - j0, n++;
         if (!n) continue;
-        prepare_block(a, j0, nk, w);
+        prepare_block(a, j0, nk, w, forward);
         prefetch_rows(a, w->meet_row, n < w->max_rows ? n : w->max_rows, forward);
         for (Py_ssize_t e = 0; e < n;) {
             batch b = {.rows = w->meet_row + e, .c0 = w->meet_c0[e], .c1 = w->meet_c1[e]};
