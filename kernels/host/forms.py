@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dshal.calls import AttentionCall, resolve_count
-from dshal.forms import host_ints
+from dshal.forms import seq_arrays
 from dshal_kernels import AttentionDefines
 from dshal_kernels.host import attention
 from dshal_kernels.host.attention import _padded, heads_per_item
@@ -66,35 +66,28 @@ class SeqLayout:
 
 
 def seq_layout(call: AttentionCall) -> SeqLayout:
-    """The :class:`SeqLayout` of a validated call in any 3.1a form."""
-    B, _, Lq, _ = call.q.shape
-    lkp, bs = call.k.shape[2], call.block_size
-    if call.cu_seqlens_q is not None:
-        cq = host_ints(call.cu_seqlens_q)
-        q0, lq = cq[:-1], np.diff(cq)
-    else:
-        q0, lq = np.zeros(B, np.int64), np.full(B, Lq, np.int64)
+    """The :class:`SeqLayout` of a validated call in any 3.1a form (from the sequences of
+    :func:`dshal.forms.seq_arrays`)."""
+    seq = seq_arrays(call)
+    Lq, bs = call.q.shape[2], call.block_size
+    q0, lq, lk, k0 = seq.q0, seq.lq, seq.lk, seq.k0
     S = lq.size
     rowseq = np.repeat(np.arange(S), lq)
-    k0, sb = np.zeros(S, np.int64), np.zeros(S, np.int64)
-    if call.block_table is not None:
-        lk, ps = host_ints(call.seqlens_k), lkp
-        table = host_ints(call.block_table)
+    sb = np.zeros(S, np.int64)
+    if seq.table is not None:
+        ps = seq.page_size
         used = -(-lk // ps)
         # entries past a sequence's used pages are never read: zero them so the table holds
         # only valid int32 page numbers
-        table = np.where(np.arange(table.shape[1])[None, :] < used[:, None], table, 0)
+        table = np.where(np.arange(seq.table.shape[1])[None, :] < used[:, None], seq.table, 0)
     else:
         ps = _UNPAGED
         if call.cu_seqlens_k is not None:
-            ck = host_ints(call.cu_seqlens_k)
-            k0, lk = ck[:-1], np.diff(ck)
             table = np.zeros((S, 1), np.int64)
-        else:  # a contiguous batch with block_keys: sequence b is batch row b
-            lk = np.full(S, lkp, np.int64)
-            table = np.arange(S)[:, None]
+        else:  # a contiguous batch: sequence b is batch row b (its keys and summaries)
+            table = seq.kb[:, None]
             if call.block_keys is not None:
-                sb = np.arange(S)
+                sb = seq.kb
     nb = -(-lk // bs)
     so = np.concatenate(([0], np.cumsum(nb)[:-1])) if S else nb
     if call.block_keys is not None and call.cu_seqlens_k is None:
